@@ -1,0 +1,167 @@
+"""The "turboquant" attention function, its mask, and the PyTorch reference attention.
+
+`turboquant_attention_forward` keeps `sdpa_attention_forward`'s signature and returns
+`([B, q, Hq, D], None)`. It dispatches on what the cache handed it:
+
+* tensors tagged by a `TurboQuantLayer` (see tq_hf.cache):
+    - first prefill (no history): exact attention on the chunk's own K/V;
+    - decode (q = 1): the Triton split-KV kernel on CUDA, reading packed codes (no full-precision
+      K/V of the context is built), or the block-wise reference below on CPU;
+    - continuation prefill (history and q > 1): history dequantized block by block into
+      workspace tiles with an online softmax, then the exact new chunk;
+* anything else (DynamicCache, StaticCache, no cache): plain attention, SDPA-equivalent.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .cache import TurboQuantLayer, tagged_layer
+from .workspace import get_workspace
+
+__all__ = ["turboquant_attention_forward", "reference_attention", "register"]
+
+HISTORY_BLOCK = 1024  # tokens dequantized per workspace tile in continuation prefill
+
+
+def _eager(q, k, v, mask, scaling, softcap):
+    """Dense attention in fp32 with GQA, bool mask `[B, 1|H, q, kv]` (True = attend), optional softcap.
+    q `[B, Hq, q, D]`, k/v `[B, Hkv, kv, D]` -> `[B, q, Hq, D]` in q's dtype."""
+    B, Hq, L, D = q.shape
+    G = Hq // k.shape[1]
+    qf = q.float().view(B, k.shape[1], G, L, D)
+    s = torch.einsum("bhgqd,bhkd->bhgqk", qf, k.float()) * scaling
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    if mask is not None:
+        s = s.masked_fill(~_group_mask(mask, k.shape[1], G), float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # fully masked rows (padding queries) give 0
+    o = torch.einsum("bhgqk,bhkd->bhgqd", p, v.float())
+    return o.reshape(B, Hq, L, D).transpose(1, 2).to(q.dtype)
+
+
+def _group_mask(mask, hkv, g):
+    # [B, 1|Hq, q, kv] -> broadcastable to [B, Hkv, G, q, kv]
+    if mask.shape[1] == 1:
+        return mask.unsqueeze(1)
+    return mask.view(mask.shape[0], hkv, g, *mask.shape[2:])
+
+
+def _as_bool_mask(mask):
+    if mask is None or mask.dtype == torch.bool:
+        return mask
+    return mask > torch.finfo(mask.dtype).min / 2  # additive float mask: 0 keeps, min drops
+
+
+def reference_attention(query, layer: TurboQuantLayer, end, chunk_k=None, chunk_v=None, mask=None,
+                        scaling=None, softcap=None, block=HISTORY_BLOCK):
+    """Attention of `query` `[B, Hq, q, D]` over cached positions [0, end) of `layer` (dequantized
+    block by block, online softmax) followed, if given, by the exact chunk `[B, Hkv, q, D]` at
+    positions [end, end + q). `mask` is bool `[B, 1|Hq, q, >= end (+ q)]` (True = attend) or None
+    (history fully visible, chunk causal). Returns `[B, q, Hq, D]` in query's dtype.
+    This is the spec of the decode kernel (q = 1, no chunk)."""
+    B, Hq, L, D = query.shape
+    Hkv = layer.num_heads
+    G = Hq // Hkv
+    scaling = D**-0.5 if scaling is None else scaling
+    q = query.float().view(B, Hkv, G, L, D)
+    m = torch.full((B, Hkv, G, L), float("-inf"), device=query.device)
+    den = torch.zeros((B, Hkv, G, L), device=query.device)
+    acc = torch.zeros((B, Hkv, G, L, D), device=query.device)
+    ws = get_workspace(query.device)
+
+    def step(k, v, blk_mask):
+        nonlocal m, den, acc
+        s = torch.einsum("bhgqd,bhkd->bhgqk", q, k.float()) * scaling
+        if softcap:
+            s = softcap * torch.tanh(s / softcap)
+        if blk_mask is not None:
+            s = s.masked_fill(~blk_mask, float("-inf"))
+        m_new = torch.maximum(m, s.amax(-1))
+        safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+        p = torch.exp(s - safe.unsqueeze(-1))
+        corr = torch.exp(m - safe)
+        den = den * corr + p.sum(-1)
+        acc = acc * corr.unsqueeze(-1) + torch.einsum("bhgqk,bhkd->bhgqd", p, v.float())
+        m = m_new
+
+    for s0 in range(0, end, block):
+        s1 = min(end, s0 + block)
+        tile = tuple(ws.get(f"hist_{n}", (B, Hkv, s1 - s0, D), layer.dtype) for n in "kv")
+        k, v = layer.dequantize_range(s0, s1, out=tile)
+        step(k, v, None if mask is None else _group_mask(mask[..., s0:s1], Hkv, G))
+    if chunk_k is not None:
+        if mask is None:
+            causal = torch.ones(L, L, dtype=torch.bool, device=query.device).tril()
+            cm = causal.view(1, 1, 1, L, L)
+        else:
+            cm = _group_mask(mask[..., end : end + L], Hkv, G)
+        step(chunk_k, chunk_v, cm)
+    out = acc / den.unsqueeze(-1)
+    out = torch.where(den.unsqueeze(-1) > 0, out, torch.zeros_like(out))
+    return out.reshape(B, Hq, L, D).transpose(1, 2).to(query.dtype)
+
+
+def turboquant_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Attention for `attn_implementation="turboquant"`.
+
+    Args:
+        query: `[B, Hq, q, D]`. key, value: `[B, Hkv, kv, D]` (for a TurboQuantCache, the new chunk
+            tagged with its layer). attention_mask: bool `[B, 1, q, kv_total]` from the registered
+            mask function, or None. scaling: softmax scale (default D**-0.5).
+        kwargs: `softcap` is honoured; `s_aux` (attention sinks) is not supported.
+    Returns:
+        `([B, q, Hq, D], None)`.
+    """
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError("the 'turboquant' attention does not support attention sinks (s_aux)")
+    softcap = kwargs.get("softcap")
+    layer = tagged_layer(key)
+    if layer is None or tagged_layer(value) is not layer:
+        if softcap:
+            return _eager(query, key, value, _as_bool_mask(attention_mask), scaling or query.shape[-1] ** -0.5,
+                          softcap), None
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    if dropout:
+        raise ValueError("TurboQuantCache is an inference cache: attention dropout must be 0")
+    layer.claim()
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    mask = _as_bool_mask(attention_mask)
+    total, L = layer.get_seq_length(), query.shape[2]
+    history = total - layer.last_update_len
+    if history == 0:
+        if softcap:
+            return _eager(query, key, value, mask, scaling, softcap), None
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    if L == 1:
+        flat = None if mask is None else mask[:, 0, 0, :total]
+        if layer.backend == "triton":
+            from .kernels import decode_attention
+
+            return decode_attention(query, layer, flat, scaling, softcap), None
+        return reference_attention(query, layer, total, mask=mask, scaling=scaling, softcap=softcap), None
+    return reference_attention(query, layer, history, key, value, mask, scaling, softcap), None
+
+
+def register() -> None:
+    """Register "turboquant" with transformers' attention and mask interfaces (done on import)."""
+    AttentionInterface.register("turboquant", turboquant_attention_forward)
+    # Without a registered mask function a custom attention gets attention_mask=None, and padded
+    # batches would silently attend to padding.
+    AttentionMaskInterface.register("turboquant", sdpa_mask)

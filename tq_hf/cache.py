@@ -1,0 +1,423 @@
+"""`TurboQuantCache`: a transformers `Cache` whose layers keep K/V as packed TurboQuant codes.
+
+Per layer, structure-of-arrays storage (B batch, H kv heads, D head dim, C capacity):
+
+    k_codes [B, H, C, D*kb/8] uint8    k_norms [B, H, C] fp32
+    v_codes [B, H, C, D*vb/8] uint8    v_norms [B, H, C] fp32
+    k_win, v_win [B, H, R, D]  model dtype: the newest tokens, exact (R = residual_length)
+    k_mean [H, D] fp32                 channel mean removed from keys before quantizing
+
+Positions [0, n_quant) live in the codes, [n_quant, n_quant + n_window) in the window. The
+capacity C grows geometrically; tokens are written in place (no per-step `torch.cat`).
+
+How attention reads it: `update` tags the tensors it returns with the layer (`_tq_layer`).
+The "turboquant" attention function (tq_hf.attention) recognises the tag on the first prefill,
+claims the layer, and from then on the layer returns only the new chunk and the attention reads
+the packed codes itself. Any other attention implementation never claims the layer, which then
+returns dequantized full-precision K/V (correct, slow, warned once).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.utils import logging
+
+from .codec import TurboQuantizer, pack_codes, packed_row_bytes
+from .config import DEFAULT_PRESET, TurboQuantConfig
+
+logger = logging.get_logger(__name__)
+
+__all__ = ["TurboQuantCache", "TurboQuantLayer"]
+
+_GROWTH = 1.25  # capacity headroom: O(log n) re-allocations, at most 25 % unused bytes
+_ALIGN = 64  # tokens
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    if backend == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            "backend='triton' on CPU tensors needs the Triton interpreter: set TRITON_INTERPRET=1 before "
+            "importing triton, or use backend='torch'/'auto'."
+        )
+    return backend
+
+
+def tagged_layer(t: torch.Tensor):
+    """The `TurboQuantLayer` that returned `t` from `update`, or None."""
+    return getattr(t, "_tq_layer", None)
+
+
+class TurboQuantLayer(CacheLayerMixin):
+    """One attention layer's TurboQuant cache. See the module docstring for the layout."""
+
+    is_sliding = False
+    is_croppable = True
+    is_compileable = False
+
+    def __init__(self, config: TurboQuantConfig | None = None, layer_idx: int | None = None):
+        super().__init__()
+        self.config = config or TurboQuantConfig.from_preset(DEFAULT_PRESET)
+        self.layer_idx = layer_idx
+        self.fast_path = False  # claimed by the "turboquant" attention function
+        self._awaiting_attention = False
+        self._clear()
+
+    def _clear(self):
+        self.n_quant = self.n_window = self.capacity = 0
+        self.last_update_len = 0
+        self.k_codes = self.k_norms = self.v_codes = self.v_norms = None
+        self.k_win = self.v_win = self.k_mean = None
+        self.keys = self.values = None
+        self.is_initialized = False
+
+    # ------------------------------------------------------------------ set-up
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        if key_states.dim() != 4 or key_states.shape != value_states.shape:
+            raise ValueError(
+                "TurboQuantCache expects key and value states of one shape [batch, kv_heads, seq, head_dim]; got "
+                f"{tuple(key_states.shape)} and {tuple(value_states.shape)} (models with different key and value "
+                "head dims, e.g. MLA, are not supported)"
+            )
+        if not key_states.is_floating_point() or key_states.dtype != value_states.dtype:
+            raise ValueError(f"key/value states must share a float dtype, got {key_states.dtype}, {value_states.dtype}")
+        cfg = self.config
+        self.batch_size, self.num_heads, _, self.head_dim = key_states.shape
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.backend = _resolve_backend(cfg.backend, self.device)
+        try:
+            self.key_quantizer = TurboQuantizer(self.head_dim, cfg.key_bits, cfg.seed, cfg.norm_correction)
+            self.value_quantizer = TurboQuantizer(self.head_dim, cfg.value_bits, cfg.seed + 1, cfg.norm_correction)
+        except ValueError as e:
+            raise ValueError(f"TurboQuantCache cannot quantize head_dim={self.head_dim}: {e}") from None
+        shape = (self.batch_size, self.num_heads, cfg.residual_length, self.head_dim)
+        if cfg.residual_length:
+            self.k_win = torch.empty(shape, dtype=self.dtype, device=self.device)
+            self.v_win = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self.is_initialized = True
+
+    def _check(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        expected = (self.batch_size, self.num_heads, self.head_dim)
+        for name, t in (("key", key_states), ("value", value_states)):
+            if t.dim() != 4 or (t.shape[0], t.shape[1], t.shape[3]) != expected:
+                raise ValueError(
+                    f"layer {self.layer_idx}: {name} states of shape {tuple(t.shape)} do not match the cache "
+                    f"(batch, kv_heads, head_dim) = {expected}; a cache serves one model and one batch "
+                    "(call cache.reset() or make a new cache)"
+                )
+            if t.dtype != self.dtype:
+                raise ValueError(f"layer {self.layer_idx}: {name} states are {t.dtype}, the cache holds {self.dtype}")
+            if t.device != self.device:
+                raise ValueError(f"layer {self.layer_idx}: {name} states are on {t.device}, the cache on {self.device}")
+
+    # ------------------------------------------------------------------ writing
+    def _reserve(self, needed: int) -> None:
+        if needed <= self.capacity:
+            return
+        cap = max(needed, int(self.capacity * _GROWTH))
+        cap = -(-cap // _ALIGN) * _ALIGN if self.capacity else needed
+        B, H, D = self.batch_size, self.num_heads, self.head_dim
+        kb, vb = packed_row_bytes(D, self.config.key_bits), packed_row_bytes(D, self.config.value_bits)
+        new = {
+            "k_codes": torch.empty(B, H, cap, kb, dtype=torch.uint8, device=self.device),
+            "v_codes": torch.empty(B, H, cap, vb, dtype=torch.uint8, device=self.device),
+            "k_norms": torch.empty(B, H, cap, dtype=torch.float32, device=self.device),
+            "v_norms": torch.empty(B, H, cap, dtype=torch.float32, device=self.device),
+        }
+        for name, buf in new.items():
+            old = getattr(self, name)
+            if old is not None and self.n_quant:
+                buf[:, :, : self.n_quant].copy_(old[:, :, : self.n_quant])
+            setattr(self, name, buf)
+        self.capacity = cap
+
+    def _quantize_into(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Quantize `k`, `v` `[B, H, T, D]` and write them at positions [n_quant, n_quant + T)."""
+        T = k.shape[2]
+        if T == 0:
+            return
+        if self.k_mean is None:
+            # Any mean keeps attention exact (shift invariance); the first chunk's is a good one.
+            self.k_mean = (
+                k.float().mean(dim=(0, 2))
+                if self.config.key_mean_centering
+                else torch.zeros(self.num_heads, self.head_dim, device=self.device)
+            )
+        self._reserve(self.n_quant + T)
+        s = slice(self.n_quant, self.n_quant + T)
+        if self.backend == "triton":
+            from .kernels import quantize_pack
+
+            quantize_pack(k, self.key_quantizer, self.k_codes, self.k_norms, self.n_quant, mean=self.k_mean)
+            quantize_pack(v, self.value_quantizer, self.v_codes, self.v_norms, self.n_quant)
+        else:
+            for x, qz, codes, norms, mean in (
+                (k, self.key_quantizer, self.k_codes, self.k_norms, self.k_mean),
+                (v, self.value_quantizer, self.v_codes, self.v_norms, None),
+            ):
+                x = x.float() - mean[None, :, None, :] if mean is not None else x
+                idx, n = qz.indices(x)
+                codes[:, :, s] = pack_codes(idx, qz.bits)
+                norms[:, :, s] = n
+        self.n_quant += T
+
+    def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        R, W, T = self.config.residual_length, self.n_window, k.shape[2]
+        if W + T < R:
+            self.k_win[:, :, W : W + T] = k
+            self.v_win[:, :, W : W + T] = v
+            self.n_window = W + T
+            return
+        # The window would reach R tokens: quantize it and the new chunk, oldest first.
+        if W:
+            self._quantize_into(self.k_win[:, :, :W], self.v_win[:, :, :W])
+        self._quantize_into(k, v)
+        self.n_window = 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Store `key_states`/`value_states` `[B, H, T, D]`; return what attention should read.
+
+        Returns the new chunk itself (tagged with this layer) on the first prefill and on the fast
+        path; otherwise dequantized history + window + chunk `[B, H, seq, D]` in the model dtype.
+        """
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._check(key_states, value_states)
+        # A non-finite value would poison its whole code row: refuse it. On the GPU the check is a
+        # host sync, so decode steps skip it there (a NaN then shows in that step's output).
+        if (self.backend == "torch" or key_states.shape[2] > 1) and not (
+            torch.isfinite(key_states).all() and torch.isfinite(value_states).all()
+        ):
+            raise ValueError(f"layer {self.layer_idx}: key/value states contain NaN or Inf; not caching them")
+        if self.fast_path and self._awaiting_attention:
+            raise RuntimeError(
+                f"layer {self.layer_idx} of this TurboQuantCache is read by the 'turboquant' attention, but its "
+                "last update was not: the attention implementation changed under the cache. Keep "
+                "attn_implementation='turboquant' or start a new cache."
+            )
+        first = self.get_seq_length() == 0
+        self._append(key_states, value_states)
+        self.last_update_len = key_states.shape[2]
+        self._refresh_views()
+        if first or self.fast_path:
+            self._awaiting_attention = self.fast_path
+            key_states._tq_layer = self
+            value_states._tq_layer = self
+            return key_states, value_states
+        logger.warning_once(
+            "TurboQuantCache is used with an attention implementation other than 'turboquant': every step "
+            "dequantizes the whole cache (correct but slow). Load the model with attn_implementation='turboquant'."
+        )
+        n = self.get_seq_length()
+        return self.dequantize_range(0, n)
+
+    def claim(self) -> None:
+        """Called by the "turboquant" attention: from now on it reads this layer's codes itself."""
+        self.fast_path = True
+        self._awaiting_attention = False
+
+    def _refresh_views(self) -> None:
+        # `keys`/`values` expose the exact window, as transformers' layers expose their tensors.
+        if self.k_win is not None:
+            self.keys, self.values = self.k_win[:, :, : self.n_window], self.v_win[:, :, : self.n_window]
+
+    # ------------------------------------------------------------------ reading
+    def dequantize_range(self, start: int, end: int, out: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """Full-precision K, V `[B, H, end - start, D]` (model dtype) of positions [start, end)."""
+        if not 0 <= start <= end <= self.get_seq_length():
+            raise ValueError(f"range [{start}, {end}) is outside the cached {self.get_seq_length()} tokens")
+        B, H, D = self.batch_size, self.num_heads, self.head_dim
+        if out is None:
+            out = tuple(torch.empty(B, H, end - start, D, dtype=self.dtype, device=self.device) for _ in range(2))
+        k_out, v_out = out
+        q_end = min(end, self.n_quant)
+        if start < q_end:
+            n = q_end - start
+            if self.backend == "triton":
+                from .kernels import dequantize
+
+                dequantize(self.k_codes, self.k_norms, self.key_quantizer, start, k_out[:, :, :n], mean=self.k_mean)
+                dequantize(self.v_codes, self.v_norms, self.value_quantizer, start, v_out[:, :, :n])
+            else:
+                s = slice(start, q_end)
+                k_out[:, :, :n] = self.key_quantizer.dequantize(
+                    {"codes": self.k_codes[:, :, s], "norms": self.k_norms[:, :, s], "dtype": torch.float32}
+                ).add_(self.k_mean[None, :, None, :])
+                v_out[:, :, :n] = self.value_quantizer.dequantize(
+                    {"codes": self.v_codes[:, :, s], "norms": self.v_norms[:, :, s], "dtype": torch.float32}
+                )
+        w0, w1 = max(start, self.n_quant) - self.n_quant, end - self.n_quant
+        if w1 > w0:
+            k_out[:, :, w0 + self.n_quant - start :] = self.k_win[:, :, w0:w1]
+            v_out[:, :, w0 + self.n_quant - start :] = self.v_win[:, :, w0:w1]
+        return k_out, v_out
+
+    # ------------------------------------------------------------------ Cache API
+    def get_seq_length(self) -> int:
+        return self.n_quant + self.n_window
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        """Drop every stored token (buffers are freed; the next update starts a new sequence)."""
+        self._clear()
+        self._awaiting_attention = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove `-tokens_to_remove` newest tokens (negative argument), or keep the first
+        `tokens_to_remove` tokens (positive, the legacy form transformers 5.17 still uses)."""
+        n = self.get_seq_length()
+        if tokens_to_remove > 0:
+            new_len = min(tokens_to_remove, n)
+        else:
+            if -tokens_to_remove > n:
+                raise ValueError(f"cannot remove {-tokens_to_remove} tokens from a cache holding {n}")
+            new_len = n + tokens_to_remove
+        if new_len >= self.n_quant:
+            self.n_window = new_len - self.n_quant
+        else:
+            # Quantized tokens cannot go back to the window: what remains stays quantized.
+            self.n_quant, self.n_window = new_len, 0
+        self._refresh_views()
+
+    def _index_batch(self, fn) -> None:
+        for name in ("k_codes", "k_norms", "v_codes", "v_norms", "k_win", "v_win"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, fn(t))
+        if self.k_win is not None:
+            self.batch_size = self.k_win.shape[0]
+        elif self.k_codes is not None:
+            self.batch_size = self.k_codes.shape[0]
+        self._refresh_views()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:
+            self._index_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._index_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._index_batch(lambda t: t[indices.to(t.device) if torch.is_tensor(indices) else indices])
+
+    def offload(self):
+        raise NotImplementedError("TurboQuantCache does not offload to CPU: its point is to fit on the GPU")
+
+    def prefetch(self):
+        pass
+
+    def nbytes(self) -> int:
+        """Bytes of every tensor this layer holds (allocated capacity included)."""
+        names = ("k_codes", "k_norms", "v_codes", "v_norms", "k_win", "v_win", "k_mean")
+        return sum(t.numel() * t.element_size() for t in (getattr(self, n) for n in names) if t is not None)
+
+    def dense_nbytes(self) -> int:
+        """Bytes a bf16 DynamicCache layer would hold for the same tokens."""
+        if not self.is_initialized:
+            return 0
+        return 2 * self.batch_size * self.num_heads * self.get_seq_length() * self.head_dim * 2
+
+    def __deepcopy__(self, memo):
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            setattr(new, k, copy.deepcopy(v, memo))
+        new._refresh_views()
+        return new
+
+
+def _dense_nbytes(layer) -> int:
+    if isinstance(layer, TurboQuantLayer):
+        return layer.dense_nbytes()
+    if getattr(layer, "keys", None) is None or layer.keys.numel() == 0:
+        return 0
+    return 2 * layer.keys.numel() * 2
+
+
+def _layer_nbytes(layer) -> int:
+    if isinstance(layer, TurboQuantLayer):
+        return layer.nbytes()
+    return sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if t is not None)
+
+
+class TurboQuantCache(Cache):
+    """A KV cache that stores keys and values as TurboQuant codes (arXiv 2504.19874).
+
+    Args:
+        config: a `TurboQuantConfig`, a preset name (see `tq_hf.config.PRESETS`), or None for the
+            default preset. Keyword overrides (`key_bits=3`, `residual_length=128`, ...) apply on top.
+        model_config: optional model config. With it, sliding-window layers are kept in full
+            precision (as transformers' `DynamicSlidingWindowLayer`) and negative `skip_layers`
+            resolve against the layer count; without it every layer is a TurboQuant layer,
+            which stays correct for sliding-window models (the mask hides old tokens).
+
+    Example:
+        >>> model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="turboquant")
+        >>> out = model.generate(**inputs, past_key_values=TurboQuantCache(), max_new_tokens=64)
+    """
+
+    def __init__(self, config: TurboQuantConfig | str | None = None, *, model_config=None, **overrides):
+        if config is None:
+            config = TurboQuantConfig.from_preset(DEFAULT_PRESET)
+        elif isinstance(config, str):
+            config = TurboQuantConfig.from_preset(config)
+        elif not isinstance(config, TurboQuantConfig):
+            raise TypeError(f"config must be a TurboQuantConfig or a preset name, got {type(config).__name__}")
+        self.config = config.replace(**overrides) if overrides else config
+        self._layer_types = None
+        self._num_layers = None
+        layers = []
+        if model_config is not None:
+            text = model_config.get_text_config(decoder=True)
+            self._num_layers = text.num_hidden_layers
+            self._layer_types = getattr(text, "layer_types", None)
+            self._sliding_window = getattr(text, "sliding_window", None)
+            layers = [self._new_layer(i) for i in range(self._num_layers)]
+        elif any(i < 0 for i in self.config.skip_layers):
+            raise ValueError(
+                f"skip_layers={self.config.skip_layers} counts from the end: pass model_config=model.config so "
+                "the number of layers is known"
+            )
+        super().__init__(layers=layers)
+
+    def _new_layer(self, idx: int):
+        skip = {i % self._num_layers if self._num_layers else i for i in self.config.skip_layers}
+        kind = self._layer_types[idx] if self._layer_types else "full_attention"
+        if kind in ("sliding_attention", "chunked_attention") and self._sliding_window:
+            return DynamicSlidingWindowLayer(sliding_window=self._sliding_window)
+        if kind not in ("full_attention", "sliding_attention", "chunked_attention"):
+            raise ValueError(
+                f"layer {idx} is of type {kind!r}; TurboQuantCache serves attention layers only "
+                "(full, sliding or chunked attention)"
+            )
+        if idx in skip:
+            return DynamicLayer()
+        return TurboQuantLayer(self.config, layer_idx=idx)
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        while len(self.layers) <= layer_idx:
+            self.layers.append(self._new_layer(len(self.layers)))
+        return self.layers[layer_idx].update(key_states, value_states)
+
+    def nbytes(self) -> int:
+        """Bytes of every tensor the cache holds right now (codes, norms, window, means)."""
+        return sum(_layer_nbytes(layer) for layer in self.layers)
+
+    def dense_nbytes(self) -> int:
+        """Bytes a bf16 `DynamicCache` would hold for the same tokens."""
+        return sum(_dense_nbytes(layer) for layer in self.layers)
+
+    def __repr__(self):
+        return f"TurboQuantCache(config={self.config}, layers={len(self.layers)})"

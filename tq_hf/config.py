@@ -1,0 +1,78 @@
+"""TurboQuant cache configuration: a frozen dataclass plus named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+VALID_BITS = (1, 2, 3, 4, 5, 6, 7, 8)
+VALID_BACKENDS = ("auto", "torch", "triton")
+
+
+@dataclass(frozen=True)
+class TurboQuantConfig:
+    """How a `TurboQuantCache` compresses keys and values.
+
+    Args:
+        key_bits / value_bits: bits per coordinate of the Lloyd-Max codes (1-8).
+        residual_length: newest tokens kept in full precision (KIVI-style window). The window
+            fills up to `residual_length` tokens and is then quantized as a whole, so between 0 and
+            `residual_length - 1` of the newest tokens are exact at any time. 0 quantizes at once.
+        key_mean_centering: subtract a per-(layer, kv-head) channel mean from keys before
+            quantizing. Softmax is shift-invariant per query, so attention is unchanged while the
+            channel bias (Qwen-style keys) no longer eats the codebook's range.
+        norm_correction: store ||x|| / ||c[idx]|| instead of ||x|| so dequantized vectors keep
+            their exact norm.
+        skip_layers: indices of layers kept in full precision (negative counts from the end; they
+            are resolved once the model's layer count is known).
+        seed: seed of the random rotation and of nothing else.
+        backend: "auto" (Triton on CUDA tensors, PyTorch reference elsewhere), "torch" or "triton".
+    """
+
+    key_bits: int = 4
+    value_bits: int = 4
+    residual_length: int = 64
+    key_mean_centering: bool = True
+    norm_correction: bool = True
+    skip_layers: tuple[int, ...] = ()
+    seed: int = 0
+    backend: str = "auto"
+
+    def __post_init__(self):
+        for name in ("key_bits", "value_bits"):
+            bits = getattr(self, name)
+            if isinstance(bits, bool) or bits not in VALID_BITS:
+                raise ValueError(f"{name}={bits!r} is not supported; valid values are {list(VALID_BITS)}")
+        if isinstance(self.residual_length, bool) or not isinstance(self.residual_length, int) or (
+            self.residual_length < 0
+        ):
+            raise ValueError(f"residual_length must be an int >= 0, got {self.residual_length!r}")
+        if self.backend not in VALID_BACKENDS:
+            raise ValueError(f"backend={self.backend!r} is not valid; choose one of {list(VALID_BACKENDS)}")
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in self.skip_layers):
+            raise ValueError(f"skip_layers must be a tuple of ints, got {self.skip_layers!r}")
+        object.__setattr__(self, "skip_layers", tuple(self.skip_layers))
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> TurboQuantConfig:
+        """The named preset, with any field overridden by keyword."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; valid presets are {sorted(PRESETS)}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+    def replace(self, **changes) -> TurboQuantConfig:
+        return dataclasses.replace(self, **changes)
+
+
+PRESETS: dict[str, TurboQuantConfig] = {
+    # 4-bit keys and values: the default; 136 B per token and head at d=128 (bf16: 512 B).
+    "4bit": TurboQuantConfig(key_bits=4, value_bits=4),
+    # Keys carry the softmax's sharpness, values average out: spend the bits on keys.
+    "k4v3": TurboQuantConfig(key_bits=4, value_bits=3),
+    "3bit": TurboQuantConfig(key_bits=3, value_bits=3),
+    # Aggressive: protect the first and last two layers as vLLM does.
+    "k3v2": TurboQuantConfig(key_bits=3, value_bits=2, skip_layers=(0, 1, -2, -1)),
+    # Near-lossless reference point (2x compression).
+    "8bit": TurboQuantConfig(key_bits=8, value_bits=8),
+}
+DEFAULT_PRESET = "4bit"
