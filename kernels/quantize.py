@@ -1,0 +1,157 @@
+"""Quantize + pack on update, and block-wise dequantize, in one kernel each."""
+
+import torch
+import triton
+import triton.language as tl
+
+from .codes import load_codes, store_codes
+
+
+@triton.jit
+def _quantize_pack_kernel(
+    # pointers
+    X,  # [B, H, T, D] model dtype, any strides
+    Mean,  # [H, D] fp32 (read if HAS_MEAN)
+    Rot,  # [D, D] fp32, rotated = x @ Rot.T
+    Bnd,  # [2**BITS - 1] fp32 sorted decision boundaries
+    Cent,  # [2**BITS] fp32 centroids
+    Codes,  # [B, H, C, D*BITS/8] uint8, contiguous rows
+    Norms,  # [B, H, C] fp32
+    # sizes
+    H,
+    T,
+    offset,  # first position written
+    # strides
+    sxb, sxh, sxt, sxd,
+    scb, sch, sct,
+    snb, snh, snt,
+    # meta-parameters
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # next power of two >= D (tl.arange needs one)
+    BLOCK_T: tl.constexpr,  # >= 16: tl.dot's smallest tile
+    BITS: tl.constexpr,
+    HAS_MEAN: tl.constexpr,
+    NORM_CORRECTION: tl.constexpr,
+):
+    pid_bh = tl.program_id(0).to(tl.int64)
+    b, h = pid_bh // H, pid_bh % H
+    t = tl.program_id(1).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    d = tl.arange(0, BLOCK_D)
+    tmask, dmask = t < T, d < D
+    x = tl.load(X + b * sxb + h * sxh + t[:, None] * sxt + d[None, :] * sxd,
+                mask=tmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    if HAS_MEAN:
+        x -= tl.load(Mean + h * D + d, mask=dmask, other=0.0)[None, :]
+    norm = tl.sqrt(tl.sum(x * x, axis=1))
+    # Zero vectors: any code works, the zero norm dequantizes to exactly zero.
+    x = x / tl.maximum(norm, 1.1754943508222875e-38)[:, None]
+    rot_t = tl.load(Rot + d[None, :] * D + d[:, None], mask=dmask[:, None] & dmask[None, :], other=0.0)
+    # ieee: indices must match the fp32 reference bit for bit away from ties.
+    y = tl.dot(x, rot_t, input_precision="ieee")
+    # Binary search over the sorted boundaries: code = #(boundaries < y), as torch.bucketize.
+    code = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.int32)
+    for lvl in tl.static_range(BITS):
+        cand = code + (1 << (BITS - 1 - lvl))
+        code = tl.where(y > tl.load(Bnd + cand - 1), cand, code)
+    code = tl.where(dmask[None, :], code, 0)
+    if NORM_CORRECTION:
+        c = tl.where(dmask[None, :], tl.load(Cent + code), 0.0)
+        norm = norm / tl.sqrt(tl.sum(c * c, axis=1))
+    pos = offset + t
+    store_codes(Codes + b * scb + h * sch + pos * sct, tmask, code, D, BLOCK_D, BITS)
+    tl.store(Norms + b * snb + h * snh + pos * snt, norm, mask=tmask)
+
+
+@triton.jit
+def _dequantize_kernel(
+    # pointers
+    Codes,  # [B, H, C, D*BITS/8] uint8
+    Norms,  # [B, H, C] fp32
+    Mean,  # [H, D] fp32 (read if HAS_MEAN)
+    Rot,  # [D, D] fp32
+    Cent,  # [2**BITS] fp32
+    Out,  # [B, H, T, D] model dtype, any strides
+    # sizes
+    H,
+    T,
+    start,  # first position read
+    # strides
+    scb, sch, sct,
+    snb, snh, snt,
+    sob, soh, sot, sod,
+    # meta-parameters
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BITS: tl.constexpr,
+    HAS_MEAN: tl.constexpr,
+    IEEE: tl.constexpr,  # fp32 outputs need an exact un-rotation; tf32 is below bf16 rounding
+):
+    pid_bh = tl.program_id(0).to(tl.int64)
+    b, h = pid_bh // H, pid_bh % H
+    t = tl.program_id(1).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    d = tl.arange(0, BLOCK_D)
+    tmask, dmask = t < T, d < D
+    pos = start + t
+    code = load_codes(Codes + b * scb + h * sch + pos * sct, tmask, D, BLOCK_D, BITS)
+    n = tl.load(Norms + b * snb + h * snh + pos * snt, mask=tmask, other=0.0)
+    xr = tl.where(dmask[None, :], tl.load(Cent + code), 0.0) * n[:, None]
+    rot = tl.load(Rot + d[:, None] * D + d[None, :], mask=dmask[:, None] & dmask[None, :], other=0.0)
+    if IEEE:
+        x = tl.dot(xr, rot, input_precision="ieee")
+    else:
+        x = tl.dot(xr, rot)
+    if HAS_MEAN:
+        x += tl.load(Mean + h * D + d, mask=dmask, other=0.0)[None, :]
+    tl.store(Out + b * sob + h * soh + t[:, None] * sot + d[None, :] * sod, x.to(Out.dtype.element_ty),
+             mask=tmask[:, None] & dmask[None, :])
+
+
+def _check_planes(codes, norms, quantizer):
+    if codes.dtype != torch.uint8 or codes.dim() != 4 or codes.stride(-1) != 1:
+        raise ValueError("codes must be a uint8 [B, H, C, row_bytes] tensor with contiguous rows")
+    if codes.shape[-1] != quantizer.dim * quantizer.bits // 8:
+        raise ValueError(f"codes rows are {codes.shape[-1]} bytes, expected {quantizer.dim * quantizer.bits // 8}")
+    if norms.dtype != torch.float32 or norms.shape != codes.shape[:3]:
+        raise ValueError("norms must be fp32 [B, H, C] matching codes")
+
+
+def quantize_pack(x, quantizer, codes, norms, offset, mean=None, block_t=16):
+    """Quantize `x` `[B, H, T, D]` with `quantizer` (minus `mean` `[H, D]` if given) and write
+    codes/norms at positions [offset, offset + T) of `codes` `[B, H, C, D*bits/8]` / `norms` `[B, H, C]`."""
+    _check_planes(codes, norms, quantizer)
+    B, H, T, D = x.shape
+    if D != quantizer.dim or codes.shape[:2] != (B, H) or offset + T > codes.shape[2]:
+        raise ValueError(f"x {tuple(x.shape)} does not fit codes {tuple(codes.shape)} at offset {offset}")
+    if T == 0:
+        return
+    rot, cent, bnd = quantizer.tensors(x.device)
+    grid = (B * H, triton.cdiv(T, block_t))
+    _quantize_pack_kernel[grid](
+        x, mean if mean is not None else rot, rot, bnd, cent, codes, norms,
+        H, T, offset,
+        *x.stride(), *codes.stride()[:3], *norms.stride(),
+        D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_T=block_t, BITS=quantizer.bits,
+        HAS_MEAN=mean is not None, NORM_CORRECTION=quantizer.norm_correction,
+    )
+
+
+def dequantize(codes, norms, quantizer, start, out, mean=None, block_t=32):
+    """Dequantize positions [start, start + T) of `codes`/`norms` into `out` `[B, H, T, D]`
+    (model dtype, any strides), adding `mean` `[H, D]` if given."""
+    _check_planes(codes, norms, quantizer)
+    B, H, T, D = out.shape
+    if D != quantizer.dim or codes.shape[:2] != (B, H) or start + T > codes.shape[2]:
+        raise ValueError(f"out {tuple(out.shape)} does not fit codes {tuple(codes.shape)} at start {start}")
+    if T == 0:
+        return out
+    rot, cent, _ = quantizer.tensors(codes.device)
+    grid = (B * H, triton.cdiv(T, block_t))
+    _dequantize_kernel[grid](
+        codes, norms, mean if mean is not None else rot, rot, cent, out,
+        H, T, start,
+        *codes.stride()[:3], *norms.stride(), *out.stride(),
+        D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_T=block_t, BITS=quantizer.bits,
+        HAS_MEAN=mean is not None, IEEE=out.dtype == torch.float32,
+    )
+    return out

@@ -1,0 +1,124 @@
+"""Shared helpers for the tq_hf test suite.
+
+cpu_only: everything here runs on the CPU through the PyTorch reference path (backend "torch" or
+"auto" on CPU tensors). Nothing registered in this file needs a GPU, Triton or network access:
+models are built from configs with random, seeded weights (no hub downloads).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+import transformers
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+)
+
+import tq_hf  # noqa: F401  (registers attn_implementation="turboquant")
+
+VOCAB = 256
+PAD, BOS, EOS = 0, 1, 2
+FAMILIES = ("llama", "mistral", "qwen2", "gemma2")
+
+# transformers >= 5.24 renamed generate's/forward's `past_key_values=` to `cache=` (the old name warns).
+CACHE_KWARG = (
+    "cache"
+    if "cache" in inspect.signature(transformers.LlamaForCausalLM.forward).parameters
+    else "past_key_values"
+)
+
+
+def cache_kw(cache) -> dict:
+    """`{name: cache}` with the cache argument name this transformers version expects."""
+    return {CACHE_KWARG: cache}
+
+
+def _base(**kw):
+    base = dict(
+        vocab_size=VOCAB,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        pad_token_id=PAD,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
+        tie_word_embeddings=False,
+    )
+    base.update(kw)
+    return base
+
+
+def model_config(family: str, **overrides):
+    """A tiny config of `family` (2 layers, vocab 256, head_dim 32 or 64, GQA)."""
+    if family == "llama":
+        return LlamaConfig(**_base(**overrides))
+    if family == "mistral":
+        # A window shorter than the test sequences, so the sliding mask matters.
+        return MistralConfig(**_base(**{"sliding_window": 24, **overrides}))
+    if family == "qwen2":
+        # Qwen2 has q/k/v biases, the channel bias that key mean-centring is for.
+        return Qwen2Config(**_base(**{"hidden_size": 256, "num_attention_heads": 4, **overrides}))
+    if family == "gemma2":
+        # Gemma 2: alternating sliding/full layers, attention logit softcap, head_dim set explicitly.
+        return Gemma2Config(**_base(**{
+            "head_dim": 64, "query_pre_attn_scalar": 64, "sliding_window": 24,
+            "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "hidden_activation": "gelu_pytorch_tanh",
+            **overrides,
+        }))
+    raise ValueError(f"unknown family {family!r}")
+
+
+def make_model(family: str, attn: str = "sdpa", seed: int = 0, initializer_range: float = 0.1, **overrides):
+    """A seeded tiny causal LM of `family` in fp32 eval mode with `attn_implementation=attn`.
+
+    `initializer_range` is larger than the usual 0.02 so that random-weight logits are not all
+    near-ties (greedy agreement tests compare argmaxes)."""
+    cfg = model_config(family, initializer_range=initializer_range, **overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=torch.float32)
+    model.eval()
+    model.generation_config.pad_token_id = PAD
+    return model
+
+
+def reference_attn(family: str) -> str:
+    """The dense attention to compare against: Gemma 2 (softcap) has no SDPA path, use eager."""
+    return "eager" if family == "gemma2" else "sdpa"
+
+
+def left_padded_batch(lengths=(13, 9, 17), seed: int = 1, device="cpu"):
+    """Left-padded random prompts: (input_ids [B, max], attention_mask [B, max])."""
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    ids = torch.full((len(lengths), T), PAD, dtype=torch.long)
+    mask = torch.zeros((len(lengths), T), dtype=torch.long)
+    for i, n in enumerate(lengths):
+        ids[i, T - n :] = torch.randint(3, VOCAB, (n,), generator=g)
+        ids[i, T - n] = BOS
+        mask[i, T - n :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def greedy_kwargs(n: int) -> dict:
+    # min_new_tokens keeps every run the same length (random weights may emit EOS early).
+    return dict(do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=PAD)
+
+
+@pytest.fixture
+def llama():
+    return make_model("llama")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield

@@ -1,0 +1,84 @@
+"""Small models built from configs, for the demo and the tests: no download, no tokenizer files.
+
+`tiny_llama` builds a Llama-architecture model with random weights from a fixed seed, and a byte-level
+tokenizer (one token per UTF-8 byte). Its generations are noise; what it shows is the cache mechanics:
+bytes held, speed of the PyTorch path, and whether greedy decoding matches `DynamicCache`.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+__all__ = ["ByteTokenizer", "tiny_llama", "TINY_LLAMA_DEFAULTS"]
+
+# head_dim 128 like most real models (so bytes per token match the README's table); GQA with 2 query
+# heads per KV head; 4 layers so the k3v2 preset (first/last two layers unquantized) still runs.
+TINY_LLAMA_DEFAULTS = dict(
+    vocab_size=258,  # 256 bytes + BOS + EOS
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=4,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=128,
+    max_position_embeddings=4096,
+    bos_token_id=256,
+    eos_token_id=257,
+    pad_token_id=257,
+    tie_word_embeddings=False,
+)
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids 0-255, plus BOS (256) and EOS/pad (257). Enough of the transformers
+    tokenizer interface for `generate`: `__call__(text, return_tensors="pt")`, `encode`, `decode`."""
+
+    bos_token_id = 256
+    eos_token_id = 257
+    pad_token_id = 257
+    vocab_size = 258
+
+    def encode(self, text: str, add_bos: bool = True) -> list[int]:
+        return ([self.bos_token_id] if add_bos else []) + list(text.encode("utf-8"))
+
+    def __call__(self, text: str | list[str], return_tensors: str | None = "pt"):
+        texts = [text] if isinstance(text, str) else list(text)
+        ids = [self.encode(t) for t in texts]
+        width = max(len(i) for i in ids)
+        # Left padding, as decoder-only generation needs.
+        input_ids = [[self.pad_token_id] * (width - len(i)) + i for i in ids]
+        mask = [[0] * (width - len(i)) + [1] * len(i) for i in ids]
+        if return_tensors != "pt":
+            return {"input_ids": input_ids, "attention_mask": mask}
+        return {"input_ids": torch.tensor(input_ids), "attention_mask": torch.tensor(mask)}
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        if torch.is_tensor(ids):
+            ids = ids.tolist()
+        data = bytes(i for i in ids if 0 <= i < 256)
+        return data.decode("utf-8", errors="replace")
+
+
+def tiny_llama(seed: int = 0, attn_implementation: str = "turboquant", dtype: torch.dtype = torch.float32,
+               **overrides):
+    """A randomly initialised Llama-style model and its `ByteTokenizer`.
+
+    Args:
+        seed: seed of the weight initialisation (the same seed gives the same weights).
+        attn_implementation: attention to load the model with ("turboquant" is registered on import of tq_hf).
+        dtype: parameter dtype.
+        overrides: `LlamaConfig` fields replacing `TINY_LLAMA_DEFAULTS` (e.g. `num_hidden_layers=2`).
+    Returns:
+        `(model, tokenizer)`, the model in eval mode on the CPU.
+    """
+    import tq_hf  # noqa: F401  (registers the "turboquant" attention)
+
+    config = LlamaConfig(**{**TINY_LLAMA_DEFAULTS, **overrides})
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM._from_config(config, attn_implementation=attn_implementation, dtype=dtype)
+    model.generation_config.eos_token_id = config.eos_token_id
+    model.generation_config.pad_token_id = config.pad_token_id
+    return model.eval(), ByteTokenizer()
