@@ -1,0 +1,235 @@
+"""Triton kernels against the PyTorch reference (DESIGN.md §5).
+
+On a CUDA machine these run on the GPU with the full matrix; on the CPU they run under
+TRITON_INTERPRET=1 (set by conftest before triton is imported) on tiny shapes.
+
+Tolerance rule for attention: with K^, V^ the reference dequantization (fp32), out_ref is
+attention in fp64 and out_pt the same attention computed by PyTorch in the model dtype;
+    max|out - out_ref| <= 3 max|out_pt - out_ref| + 1e-5,
+    mean|out - out_ref| <= 1.5 mean|out_pt - out_ref| + 2**-20.
+The 2**-20 (8 fp32 ulps at unit scale) is what makes the mean rule meaningful for fp32 models:
+there out_pt is itself a few ulps from out_ref, and the kernel's different but equally valid
+order of fp32 operations (scores in the rotated space, one un-rotation of the output) costs a few
+ulps too. For fp16/bf16 the term is negligible next to the dtype's rounding.
+One more term under the interpreter only: Triton 3.9's interpreter casts fp32 to bf16 by
+truncation (round toward zero) where GPUs round to nearest even, so there the bf16 bound adds
+one bf16 ulp of |out_ref| to the max rule and half of one to the mean rule.
+"""
+
+import os
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tq_hf import TurboQuantCache
+from tq_hf.codec import TurboQuantizer, pack_codes
+
+CUDA = torch.cuda.is_available()
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+pytestmark = [
+    pytest.mark.interpret,
+    pytest.mark.skipif(not (CUDA or INTERPRET), reason="needs CUDA or TRITON_INTERPRET=1"),
+]
+DEV = "cuda" if CUDA else "cpu"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+if CUDA or INTERPRET:
+    from tq_hf.kernels import decode_attention, dequantize, plan_splits, quantize_pack
+    from tq_hf.workspace import get_workspace
+
+
+def _seed(request):
+    # A different seed for every test case, reproducible from its id; TQ_SEED shifts them all.
+    torch.manual_seed(zlib.crc32(request.node.name.encode()) + int(os.environ.get("TQ_SEED", "0")))
+
+
+# ---------------------------------------------------------------- quantize + pack
+@pytest.mark.parametrize("dim,bits", [(64, 1), (80, 3), (96, 2), (128, 4), (128, 3), (256, 8)])
+def test_quantize_pack_matches_reference(request, dim, bits):
+    _seed(request)
+    B, H, T, off, cap = 2, 3, 19, 5, 30
+    qz = TurboQuantizer(dim, bits, seed=3, norm_correction=bits % 2 == 1)
+    x = torch.randn(B, H, T, dim, device=DEV, dtype=torch.bfloat16) * 3
+    mean = torch.randn(H, dim, device=DEV)
+    codes = torch.full((B, H, cap, dim * bits // 8), 0xAB, dtype=torch.uint8, device=DEV)
+    norms = torch.full((B, H, cap), float("nan"), device=DEV)
+    quantize_pack(x, qz, codes, norms, off, mean=mean)
+
+    xc = x.float() - mean[None, :, None, :]
+    idx, n = qz.indices(xc)
+    got = codes[:, :, off : off + T]
+    ref = pack_codes(idx, bits)
+    # Exact equality away from ties: a coordinate within 1e-6 of a decision boundary may round
+    # either way between two correct fp32 evaluations of the rotation.
+    rot, _, bnd = qz.tensors(DEV)
+    y = (xc / xc.norm(dim=-1, keepdim=True)) @ rot.T
+    near_tie = ((y.unsqueeze(-1) - bnd).abs().min(-1).values < 1e-6).any(-1)
+    differs = (got != ref).any(-1)
+    assert not (differs & ~near_tie).any()
+    torch.testing.assert_close(norms[:, :, off : off + T], n, rtol=1e-5, atol=0)
+    # untouched positions keep their poison
+    assert (codes[:, :, :off] == 0xAB).all() and (codes[:, :, off + T :] == 0xAB).all()
+    assert norms[:, :, :off].isnan().all() and norms[:, :, off + T :].isnan().all()
+
+
+def test_quantize_zero_vector():
+    qz = TurboQuantizer(64, 4)
+    x = torch.zeros(1, 1, 16, 64, device=DEV)
+    codes = torch.empty(1, 1, 16, 32, dtype=torch.uint8, device=DEV)
+    norms = torch.empty(1, 1, 16, device=DEV)
+    quantize_pack(x, qz, codes, norms, 0)
+    assert (norms == 0).all()
+
+
+# ---------------------------------------------------------------- dequantize
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dim,bits", [(64, 2), (80, 4), (128, 3)])
+def test_dequantize_matches_reference(request, dtype, dim, bits):
+    _seed(request)
+    B, H, cap, start, T = 2, 2, 40, 7, 23
+    qz = TurboQuantizer(dim, bits, seed=1)
+    idx = torch.randint(0, 2**bits, (B, H, cap, dim), device=DEV)
+    codes = pack_codes(idx, bits)
+    norms = torch.rand(B, H, cap, device=DEV) + 0.5
+    mean = torch.randn(H, dim, device=DEV)
+    out = torch.full((B, H, T, dim), float("nan"), dtype=dtype, device=DEV)
+    dequantize(codes, norms, qz, start, out, mean=mean)
+    s = slice(start, start + T)
+    ref = qz.dequantize({"codes": codes[:, :, s], "norms": norms[:, :, s], "dtype": torch.float32})
+    ref = ref + mean[None, :, None, :]
+    rounding = (ref.to(dtype).float() - ref).abs().max()
+    assert (out.float() - ref).abs().max() <= 3 * rounding + 1e-5
+
+
+# ---------------------------------------------------------------- decode attention
+def _make_layer(B, Hkv, D, T, R, dtype, key_bits=4, value_bits=4, decode_steps=3):
+    cache = TurboQuantCache(key_bits=key_bits, value_bits=value_bits, residual_length=R, backend="triton")
+    k = torch.randn(B, Hkv, T, D, dtype=dtype, device=DEV) * 1.5 + 0.7  # a channel bias to centre away
+    v = torch.randn(B, Hkv, T, D, dtype=dtype, device=DEV)
+    cache.update(k, v, 0)
+    for _ in range(decode_steps):
+        cache.update(torch.randn(B, Hkv, 1, D, dtype=dtype, device=DEV),
+                     torch.randn(B, Hkv, 1, D, dtype=dtype, device=DEV), 0)
+    layer = cache.layers[0]
+    layer.claim()
+    return layer
+
+
+def _reference_kv(layer):
+    """K^, V^ `[B, H, n, D]` in fp32 from the PyTorch codec (independent of the Triton dequantize)."""
+    nq, kq, vq = layer.n_quant, layer.key_quantizer, layer.value_quantizer
+    if nq == 0:
+        return layer.k_win[:, :, : layer.n_window].float(), layer.v_win[:, :, : layer.n_window].float()
+    k = kq.dequantize({"codes": layer.k_codes[:, :, :nq], "norms": layer.k_norms[:, :, :nq], "dtype": torch.float32})
+    v = vq.dequantize({"codes": layer.v_codes[:, :, :nq], "norms": layer.v_norms[:, :, :nq], "dtype": torch.float32})
+    k = k + layer.k_mean[None, :, None, :]
+    if layer.n_window:
+        k = torch.cat([k, layer.k_win[:, :, : layer.n_window].float()], 2)
+        v = torch.cat([v, layer.v_win[:, :, : layer.n_window].float()], 2)
+    return k, v
+
+
+def _attention(q, k, v, mask, scale, softcap, dtype):
+    B, Hq, _, D = q.shape
+    G = Hq // k.shape[1]
+    q, k, v = q.to(dtype), k.repeat_interleave(G, 1).to(dtype), v.repeat_interleave(G, 1).to(dtype)
+    s = (q @ k.transpose(-1, -2)) * scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    if mask is not None:
+        s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
+    return (torch.softmax(s, -1) @ v).transpose(1, 2)
+
+
+def _check_decode(q, layer, mask, softcap, num_splits):
+    D = q.shape[-1]
+    scale = D**-0.5
+    out = decode_attention(q, layer, mask, scale, softcap, num_splits=num_splits)
+    assert out.shape == (q.shape[0], 1, q.shape[1], D) and out.dtype == q.dtype
+    k, v = _reference_kv(layer)
+    ref = _attention(q.double(), k.double(), v.double(), mask, scale, softcap, torch.float64)
+    pt = _attention(q, k, v, mask, scale, softcap, q.dtype)
+    err, err_pt = (out.double() - ref).abs(), (pt.double() - ref).abs()
+    trunc = ref.abs() * 2**-7 if (INTERPRET and not CUDA and q.dtype == torch.bfloat16) else torch.zeros_like(ref)
+    assert not out.isnan().any()
+    assert (err - trunc).max() <= 3 * err_pt.max() + 1e-5, (err.max().item(), err_pt.max().item())
+    assert (err - trunc / 2).mean() <= 1.5 * err_pt.mean() + 2**-20, (err.mean().item(), err_pt.mean().item())
+    return out
+
+
+SMALL = [  # B, Hkv, G, D, T, R
+    (1, 1, 1, 64, 1, 0),
+    (2, 2, 4, 128, 15, 0),
+    (2, 1, 8, 96, 16, 8),
+    (3, 2, 1, 80, 17, 16),
+    (1, 2, 4, 256, 40, 4),
+    (2, 2, 4, 128, 339, 32),
+]
+LARGE = [(2, 8, 4, 128, 799, 64), (1, 8, 4, 128, 4096, 64), (4, 2, 8, 64, 4096, 0),
+         (1, 8, 4, 128, 65536, 64), (8, 8, 4, 128, 16384, 64)]
+
+
+@pytest.mark.parametrize("num_splits", [None, 1, 2, 3])
+@pytest.mark.parametrize("shape", SMALL + (LARGE if CUDA else []), ids=str)
+def test_decode_matches_reference(request, shape, num_splits):
+    _seed(request)
+    B, Hkv, G, D, T, R = shape
+    dtype = DTYPES[zlib.crc32(str((shape, num_splits)).encode()) % 3]
+    layer = _make_layer(B, Hkv, D, T, R, dtype)
+    n = layer.get_seq_length()
+    # ragged, left-padded batch: row b ignores its first b * 3 positions
+    mask = torch.ones(B, n, dtype=torch.bool, device=DEV)
+    for b in range(B):
+        mask[b, : min(b * 3, n - 1)] = False
+    q = torch.randn(B, Hkv * G, 1, D, dtype=dtype, device=DEV)
+    _check_decode(q, layer, mask if B > 1 else None, None, num_splits)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_softcap_and_bits(request, dtype):
+    _seed(request)
+    for kb, vb in [(3, 2), (8, 4), (1, 3)]:
+        layer = _make_layer(2, 2, 64, 37, 8, dtype, key_bits=kb, value_bits=vb)
+        q = torch.randn(2, 8, 1, 64, dtype=dtype, device=DEV) * 3
+        _check_decode(q, layer, None, 20.0, None)
+
+
+def test_decode_window_only_and_deterministic(request):
+    _seed(request)
+    layer = _make_layer(2, 2, 64, 5, 16, torch.bfloat16, decode_steps=1)  # everything in the window
+    assert layer.n_quant == 0 and layer.n_window == 6
+    q = torch.randn(2, 4, 1, 64, dtype=torch.bfloat16, device=DEV)
+    out = _check_decode(q, layer, None, None, None)
+    layer = _make_layer(2, 2, 64, 100, 16, torch.bfloat16)
+    a = decode_attention(q, layer, None, 0.125)
+    b = decode_attention(q, layer, None, 0.125)
+    assert torch.equal(a, b) and not torch.equal(a, out)
+
+
+def test_plan_splits():
+    assert plan_splits(0, 8, 132, 64) == (0, 64)
+    s, chunk = plan_splits(100_000, 8, 132, 64)
+    assert s * chunk >= 100_000 and (s - 1) * chunk < 100_000 and chunk % 64 == 0
+    assert plan_splits(10, 8, 132, 64) == (1, 64)  # never a split shorter than a tile
+    assert plan_splits(1000, 8, 132, 64, num_splits=3)[0] == 3
+
+
+def test_workspace_shared_and_bounded(request):
+    """All layers take decode scratch from one per-device workspace that stops growing."""
+    _seed(request)
+    ws = get_workspace(DEV)
+    layers = [_make_layer(2, 2, 64, t, 8, torch.bfloat16) for t in (30, 200, 700)]
+    q = torch.randn(2, 4, 1, 64, dtype=torch.bfloat16, device=DEV)
+    for layer in layers:
+        decode_attention(q, layer, None, 0.125)
+    grown, size = ws.grow_count, ws.nbytes()
+    ptr = ws._buffers["decode_mid_o"].data_ptr()
+    for _ in range(2):
+        for layer in layers:
+            decode_attention(q, layer, None, 0.125, num_splits=2)
+    assert ws.grow_count == grown and ws.nbytes() == size
+    assert ws._buffers["decode_mid_o"].data_ptr() == ptr
+    # scratch scales with the number of splits, not with the context length
+    assert size < 64 * 1024 * 16
