@@ -1,9 +1,8 @@
 """Triton helpers shared by the kernels: reading and writing the packed code bit stream.
 
-A row of D codes of BITS bits is a little-endian bit stream of D*BITS/8 bytes. Eight consecutive
-codes form a group of exactly BITS bytes (group g = bytes [g*BITS, g*BITS + BITS)), so every
-bit width is handled the same way: gather the BITS bytes of each group into one integer and
-shift the eight codes out of it. Each byte is loaded once.
+A row of D codes of BITS bits is a little-endian bit stream of D*BITS/8 bytes: code i occupies
+bits [i*BITS, i*BITS + BITS). Writing packs eight consecutive codes (exactly BITS bytes) into one
+integer and stores its bytes.
 """
 
 import triton
@@ -12,24 +11,29 @@ import triton.language as tl
 
 @triton.jit
 def load_codes(
-    row_ptr,  # [BLOCK_N] pointers to the first byte of each row (uint8)
+    base,  # scalar pointer (uint8) to the (batch, head) code plane
+    row_off,  # [BLOCK_N] int32 byte offsets of the rows in that plane
     row_mask,  # [BLOCK_N] bool
+    d,  # [BLOCK_K] code (coordinate) indices to read
     D: tl.constexpr,
-    BLOCK_D: tl.constexpr,
     BITS: tl.constexpr,
 ):
-    """Codes `[BLOCK_N, BLOCK_D]` int32 of the rows (0 beyond D or outside row_mask)."""
-    NG: tl.constexpr = BLOCK_D // 8
-    g = tl.arange(0, NG)
-    gmask = row_mask[:, None] & (g[None, :] < D // 8)
-    ptr = row_ptr[:, None] + g[None, :] * BITS
-    word = tl.zeros([row_ptr.shape[0], NG], dtype=tl.int64)
-    for m in tl.static_range(BITS):
-        byte = tl.load(ptr + m, mask=gmask, other=0)
-        word |= byte.to(tl.int64) << (8 * m)
-    shifts = (tl.arange(0, 8) * BITS).to(tl.int64)
-    codes = (word[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
-    return tl.reshape(codes.to(tl.int32), (row_ptr.shape[0], BLOCK_D))
+    """Codes `[BLOCK_N, BLOCK_K]` int32 of columns `d` (0 beyond D or outside row_mask).
+
+    Plain 2-D gathers: a tile's addresses are consecutive bytes of consecutive rows, so the loads
+    coalesce and each byte comes from DRAM once (re-reads of a byte hit L1). Offsets stay int32:
+    a tile of 64-bit pointers would not fit in registers."""
+    bit = d * BITS
+    byte = bit >> 3
+    mask = row_mask[:, None] & (d[None, :] < D)
+    off = row_off[:, None] + byte[None, :]
+    val = tl.load(base + off, mask=mask, other=0).to(tl.int32)
+    if 8 % BITS != 0:
+        # widths that do not divide 8 (3, 5, 6, 7) let a code straddle two bytes
+        ROW_BYTES: tl.constexpr = D * BITS // 8
+        hi = tl.load(base + off + 1, mask=mask & (byte[None, :] + 1 < ROW_BYTES), other=0).to(tl.int32)
+        val = val | (hi << 8)
+    return (val >> (bit & 7)[None, :]) & ((1 << BITS) - 1)
 
 
 @triton.jit

@@ -22,7 +22,7 @@ _NEG_INF = float("-inf")
 
 
 @triton.jit
-def _online_softmax_step(s, v, m, l, acc, DOT_IEEE: tl.constexpr):
+def _online_softmax_step(s, v, m, l, acc, DOT_PRECISION: tl.constexpr):
     """Fold scores `s` [BLOCK_G, BLOCK_N] (masked = -inf) and values `v` [BLOCK_N, BLOCK_D] into the
     running max `m`, denominator `l` [BLOCK_G] and accumulator `acc` [BLOCK_G, BLOCK_D]."""
     m_new = tl.maximum(m, tl.max(s, axis=1))
@@ -30,10 +30,7 @@ def _online_softmax_step(s, v, m, l, acc, DOT_IEEE: tl.constexpr):
     alpha = tl.exp(m - m_safe)
     p = tl.exp(s - m_safe[:, None])
     l = l * alpha + tl.sum(p, axis=1)
-    if DOT_IEEE:
-        pv = tl.dot(p, v, input_precision="ieee")
-    else:
-        pv = tl.dot(p, v)
+    pv = tl.dot(p, v, input_precision=DOT_PRECISION)
     return m_new, l, acc * alpha[:, None] + pv
 
 
@@ -66,16 +63,22 @@ def _decode_stage1_kernel(
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # rotation K-chunk
     KBITS: tl.constexpr,
     VBITS: tl.constexpr,
     HAS_MASK: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
-    DOT_IEEE: tl.constexpr,  # fp32 models: tf32 dots would dominate the error budget
+    DOT_PRECISION: tl.constexpr,  # ieee for fp32 models; tf32x3 otherwise (plain tf32 is coarser than fp16)
 ):
+    # (batch, head) bases are 64-bit scalars; per-element offsets inside a plane stay int32.
     pid_bh = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     num_splits = tl.num_programs(1) - 1
     b, h = pid_bh // Hkv, pid_bh % Hkv
+    kc_base, kn_base = Kc + b * skcb + h * skch, Kn + b * sknb + h * sknh
+    vc_base, vn_base = Vc + b * svcb + h * svch, Vn + b * svnb + h * svnh
+    kw_base, vw_base = Kw + b * swb + h * swh, Vw + b * swb + h * swh
+    mask_base = Mask + b * smb
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
     gmask, dmask = g < G, d < D
@@ -86,11 +89,15 @@ def _decode_stage1_kernel(
     acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     n_off = tl.arange(0, BLOCK_N)
     if split < num_splits:
-        rot_t = tl.load(RotK + d[None, :] * D + d[:, None], mask=dmask[:, None] & dmask[None, :], other=0.0)
-        if DOT_IEEE:
-            q_rot = tl.dot(q, rot_t, input_precision="ieee")
-        else:
-            q_rot = tl.dot(q, rot_t)
+        # q_rot = q @ RotK.T, K-chunked so the Rot tile fits in shared memory at D = 256
+        q_rot = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        for k0 in tl.static_range(0, BLOCK_D, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            kmask = kk < D
+            qk = tl.load(Q + b * sqb + (h * G + g[:, None]) * sqh + kk[None, :] * sqd,
+                         mask=gmask[:, None] & kmask[None, :], other=0.0).to(tl.float32) * scale
+            rot_t = tl.load(RotK + d[None, :] * D + kk[:, None], mask=kmask[:, None] & dmask[None, :], other=0.0)
+            q_rot += tl.dot(qk, rot_t, input_precision=DOT_PRECISION)
         # Keys were centred before quantizing: q.k = q.mean + q_rot.(norm * c[idx]).
         q_mean = tl.sum(q * tl.load(Kmean + h * D + d, mask=dmask, other=0.0)[None, :], axis=1)
         start = split * chunk
@@ -98,42 +105,36 @@ def _decode_stage1_kernel(
         for n0 in range(start, end, BLOCK_N):
             n = n0 + n_off
             nmask = n < end
-            kcode = load_codes(Kc + b * skcb + h * skch + n * skct, nmask, D, BLOCK_D, KBITS)
+            kcode = load_codes(kc_base, n * skct, nmask, d, D, KBITS)
             kc = tl.where(dmask[None, :], tl.load(CentK + kcode), 0.0)
-            if DOT_IEEE:
-                s = tl.dot(q_rot, tl.trans(kc), input_precision="ieee")
-            else:
-                s = tl.dot(q_rot, tl.trans(kc))
-            kn = tl.load(Kn + b * sknb + h * sknh + n * sknt, mask=nmask, other=0.0)
+            s = tl.dot(q_rot, tl.trans(kc), input_precision=DOT_PRECISION)
+            kn = tl.load(kn_base + n * sknt, mask=nmask, other=0.0)
             s = s * kn[None, :] + q_mean[:, None]
             if HAS_SOFTCAP:
                 s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)  # softcap * tanh(s / softcap)
             keep = nmask
             if HAS_MASK:
-                keep &= tl.load(Mask + b * smb + n * smk, mask=nmask, other=0) != 0
+                keep &= tl.load(mask_base + n * smk, mask=nmask, other=0) != 0
             s = tl.where(keep[None, :], s, float("-inf"))
-            vcode = load_codes(Vc + b * svcb + h * svch + n * svct, nmask, D, BLOCK_D, VBITS)
-            vn = tl.load(Vn + b * svnb + h * svnh + n * svnt, mask=nmask, other=0.0)
+            vcode = load_codes(vc_base, n * svct, nmask, d, D, VBITS)
+            vn = tl.load(vn_base + n * svnt, mask=nmask, other=0.0)
             v = tl.where(dmask[None, :], tl.load(CentV + vcode), 0.0) * vn[:, None]
-            m, l, acc = _online_softmax_step(s, v, m, l, acc, DOT_IEEE)
+            m, l, acc = _online_softmax_step(s, v, m, l, acc, DOT_PRECISION)
     else:
         for n0 in range(0, n_window, BLOCK_N):
             n = n0 + n_off
             nmask = n < n_window
             kv_mask = nmask[:, None] & dmask[None, :]
-            k = tl.load(Kw + b * swb + h * swh + n[:, None] * swt + d[None, :] * swd, mask=kv_mask, other=0.0)
-            if DOT_IEEE:
-                s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
-            else:
-                s = tl.dot(q, tl.trans(k.to(tl.float32)))
+            k = tl.load(kw_base + n[:, None] * swt + d[None, :] * swd, mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision=DOT_PRECISION)
             if HAS_SOFTCAP:
                 s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)
             keep = nmask
             if HAS_MASK:
-                keep &= tl.load(Mask + b * smb + (n_quant + n) * smk, mask=nmask, other=0) != 0
+                keep &= tl.load(mask_base + (n_quant + n) * smk, mask=nmask, other=0) != 0
             s = tl.where(keep[None, :], s, float("-inf"))
-            v = tl.load(Vw + b * swb + h * swh + n[:, None] * swt + d[None, :] * swd, mask=kv_mask, other=0.0)
-            m, l, acc = _online_softmax_step(s, v.to(tl.float32), m, l, acc, DOT_IEEE)
+            v = tl.load(vw_base + n[:, None] * swt + d[None, :] * swd, mask=kv_mask, other=0.0)
+            m, l, acc = _online_softmax_step(s, v.to(tl.float32), m, l, acc, DOT_PRECISION)
     # Empty or fully masked split: lse = -inf, output 0, so it weighs nothing in the merge.
     out = acc / tl.where(l > 0, l, 1.0)[:, None]
     lse = tl.where(l > 0, m + tl.log(tl.where(l > 0, l, 1.0)), float("-inf"))
@@ -162,7 +163,7 @@ def _decode_stage2_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_C: tl.constexpr,  # output columns per un-rotation step: bounds the Rot tile in registers
     BLOCK_S: tl.constexpr,
-    DOT_IEEE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     pid_bh = tl.program_id(0).to(tl.int64)
     b, h = pid_bh // Hkv, pid_bh % Hkv
@@ -187,10 +188,7 @@ def _decode_stage2_kernel(
         c = c0 + tl.arange(0, BLOCK_C)
         cmask = c < D
         rot = tl.load(RotV + d[:, None] * D + c[None, :], mask=(d[:, None] < D) & cmask[None, :], other=0.0)
-        if DOT_IEEE:
-            o = tl.dot(o_rot, rot, input_precision="ieee")
-        else:
-            o = tl.dot(o_rot, rot)
+        o = tl.dot(o_rot, rot, input_precision=DOT_PRECISION)
         o += w_win[:, None] * tl.load(MidO + b * sob + hq[:, None] * soh + num_splits * sos + c[None, :],
                                       mask=gmask[:, None] & cmask[None, :], other=0.0)
         o = o / den[:, None]
@@ -219,7 +217,7 @@ def plan_splits(n_quant: int, programs_per_split: int, num_sms: int, block_n: in
 
 
 def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_splits=None,
-                     block_n=64, num_warps=4, num_stages=2):
+                     block_n=64, num_warps=4, num_stages=1):
     """Decode attention of one query token over every position cached in `layer`.
 
     Args:
@@ -262,7 +260,7 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
     kw = layer.k_win if layer.k_win is not None else query.new_empty(1, 1, 1, 1)
     vw = layer.v_win if layer.v_win is not None else kw
     mask_u8 = mask.view(torch.uint8) if mask is not None else kc.view(-1)[:1].view(1, 1)
-    ieee = query.dtype == torch.float32
+    precision = "ieee" if query.dtype == torch.float32 else "tf32x3"
     BLOCK_G = max(16, triton.next_power_of_2(G))
     _decode_stage1_kernel[(B * Hkv, S + 1)](
         query, kc, kn, vc, vn, kmean, rot_k, cent_k, cent_v, kw, vw, mask_u8, mid_o, mid_l,
@@ -275,9 +273,9 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
         *mask_u8.stride(),
         mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         mid_l.stride(0), mid_l.stride(1),
-        G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D, BLOCK_N=block_n,
+        G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D, BLOCK_N=block_n, BLOCK_K=min(BLOCK_D, 64),
         KBITS=kq.bits, VBITS=vq.bits, HAS_MASK=mask is not None, HAS_SOFTCAP=bool(softcap),
-        DOT_IEEE=ieee, num_warps=num_warps, num_stages=num_stages,
+        DOT_PRECISION=precision, num_warps=num_warps, num_stages=num_stages,
     )
     _decode_stage2_kernel[(B * Hkv,)](
         mid_o, mid_l, rot_v, out,
@@ -286,6 +284,6 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
         mid_l.stride(0), mid_l.stride(1),
         out.stride(0), out.stride(2),
         G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D, BLOCK_C=min(BLOCK_D, 64),
-        BLOCK_S=triton.next_power_of_2(S + 1), DOT_IEEE=ieee, num_warps=4,
+        BLOCK_S=triton.next_power_of_2(S + 1), DOT_PRECISION=precision, num_warps=4,
     )
     return out

@@ -29,6 +29,7 @@ def _quantize_pack_kernel(
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,  # next power of two >= D (tl.arange needs one)
     BLOCK_T: tl.constexpr,  # >= 16: tl.dot's smallest tile
+    BLOCK_K: tl.constexpr,  # rotation K-chunk: a [BLOCK_K, BLOCK_D] fp32 tile fits in shared memory
     BITS: tl.constexpr,
     HAS_MEAN: tl.constexpr,
     NORM_CORRECTION: tl.constexpr,
@@ -38,16 +39,25 @@ def _quantize_pack_kernel(
     t = tl.program_id(1).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     d = tl.arange(0, BLOCK_D)
     tmask, dmask = t < T, d < D
-    x = tl.load(X + b * sxb + h * sxh + t[:, None] * sxt + d[None, :] * sxd,
-                mask=tmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+    xrow = X + b * sxb + h * sxh + t * sxt
+    x = tl.load(xrow[:, None] + d[None, :] * sxd, mask=tmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
     if HAS_MEAN:
         x -= tl.load(Mean + h * D + d, mask=dmask, other=0.0)[None, :]
     norm = tl.sqrt(tl.sum(x * x, axis=1))
+    # y = (x / norm) @ Rot.T, K-chunked so the Rot tile stays small (D = 256 would not fit in shared
+    # memory whole); ieee: indices must match the fp32 reference away from ties.
+    y = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+    for k0 in tl.static_range(0, BLOCK_D, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        kmask = kk < D
+        xk = tl.load(xrow[:, None] + kk[None, :] * sxd, mask=tmask[:, None] & kmask[None, :], other=0.0)
+        xk = xk.to(tl.float32)
+        if HAS_MEAN:
+            xk -= tl.load(Mean + h * D + kk, mask=kmask, other=0.0)[None, :]
+        rot_t = tl.load(Rot + d[None, :] * D + kk[:, None], mask=kmask[:, None] & dmask[None, :], other=0.0)
+        y += tl.dot(xk, rot_t, input_precision="ieee")
     # Zero vectors: any code works, the zero norm dequantizes to exactly zero.
-    x = x / tl.maximum(norm, 1.1754943508222875e-38)[:, None]
-    rot_t = tl.load(Rot + d[None, :] * D + d[:, None], mask=dmask[:, None] & dmask[None, :], other=0.0)
-    # ieee: indices must match the fp32 reference bit for bit away from ties.
-    y = tl.dot(x, rot_t, input_precision="ieee")
+    y = y / tl.maximum(norm, 1.1754943508222875e-38)[:, None]
     # Binary search over the sorted boundaries: code = #(boundaries < y), as torch.bucketize.
     code = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.int32)
     for lvl in tl.static_range(BITS):
@@ -83,6 +93,7 @@ def _dequantize_kernel(
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr,
     BITS: tl.constexpr,
     HAS_MEAN: tl.constexpr,
     IEEE: tl.constexpr,  # fp32 outputs need an exact un-rotation; tf32 is below bf16 rounding
@@ -93,14 +104,18 @@ def _dequantize_kernel(
     d = tl.arange(0, BLOCK_D)
     tmask, dmask = t < T, d < D
     pos = start + t
-    code = load_codes(Codes + b * scb + h * sch + pos * sct, tmask, D, BLOCK_D, BITS)
     n = tl.load(Norms + b * snb + h * snh + pos * snt, mask=tmask, other=0.0)
-    xr = tl.where(dmask[None, :], tl.load(Cent + code), 0.0) * n[:, None]
-    rot = tl.load(Rot + d[:, None] * D + d[None, :], mask=dmask[:, None] & dmask[None, :], other=0.0)
-    if IEEE:
-        x = tl.dot(xr, rot, input_precision="ieee")
-    else:
-        x = tl.dot(xr, rot)
+    # x = (n * c[idx]) @ Rot, K-chunked over the code columns
+    x = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+    for k0 in tl.static_range(0, BLOCK_D, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        kmask = kk < D
+        xr = tl.where(kmask[None, :], tl.load(Cent + load_codes(Codes + b * scb + h * sch, (pos * sct).to(tl.int32), tmask, kk, D, BITS)), 0.0) * n[:, None]
+        rot = tl.load(Rot + kk[:, None] * D + d[None, :], mask=kmask[:, None] & dmask[None, :], other=0.0)
+        if IEEE:
+            x += tl.dot(xr, rot, input_precision="ieee")
+        else:
+            x += tl.dot(xr, rot)
     if HAS_MEAN:
         x += tl.load(Mean + h * D + d, mask=dmask, other=0.0)[None, :]
     tl.store(Out + b * sob + h * soh + t[:, None] * sot + d[None, :] * sod, x.to(Out.dtype.element_ty),
@@ -132,6 +147,7 @@ def quantize_pack(x, quantizer, codes, norms, offset, mean=None, block_t=16):
         H, T, offset,
         *x.stride(), *codes.stride()[:3], *norms.stride(),
         D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_T=block_t, BITS=quantizer.bits,
+        BLOCK_K=min(64, max(16, triton.next_power_of_2(D))),
         HAS_MEAN=mean is not None, NORM_CORRECTION=quantizer.norm_correction,
     )
 
@@ -152,6 +168,7 @@ def dequantize(codes, norms, quantizer, start, out, mean=None, block_t=32):
         H, T, start,
         *codes.stride()[:3], *norms.stride(), *out.stride(),
         D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_T=block_t, BITS=quantizer.bits,
+        BLOCK_K=min(64, max(16, triton.next_power_of_2(D))),
         HAS_MEAN=mean is not None, IEEE=out.dtype == torch.float32,
     )
     return out

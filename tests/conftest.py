@@ -1,16 +1,25 @@
 """Shared helpers for the tq_hf test suite.
 
-cpu_only: everything here runs on the CPU through the PyTorch reference path (backend "torch" or
-"auto" on CPU tensors). Nothing registered in this file needs a GPU, Triton or network access:
-models are built from configs with random, seeded weights (no hub downloads).
+cpu_only: the codec, config, cache and generate tests run on the CPU through the PyTorch reference
+path (backend "torch", or "auto" on CPU tensors). Nothing registered in this file needs a GPU or
+network access: models are built from configs with random, seeded weights (no hub downloads).
+Without a GPU, TRITON_INTERPRET=1 is set below so that kernel tests can use the Triton interpreter.
 """
 
 from __future__ import annotations
 
 import inspect
+import os
 
 import pytest
 import torch
+
+# Without a GPU, kernel tests run under the Triton interpreter. It must be switched on before triton
+# is imported at all (triton.language's own @jit helpers such as tl.sum are decorated at import), and
+# importing transformers' cache_utils imports triton (through torch._dynamo); `import torch` does not.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import transformers
 from transformers import (
     AutoModelForCausalLM,
@@ -63,26 +72,24 @@ def model_config(family: str, **overrides):
         return LlamaConfig(**_base(**overrides))
     if family == "mistral":
         # A window shorter than the test sequences, so the sliding mask matters.
-        return MistralConfig(**_base(**{"sliding_window": 24, **overrides}))
+        return MistralConfig(**_base(**{"sliding_window": 8, **overrides}))
     if family == "qwen2":
         # Qwen2 has q/k/v biases, the channel bias that key mean-centring is for.
         return Qwen2Config(**_base(**{"hidden_size": 256, "num_attention_heads": 4, **overrides}))
     if family == "gemma2":
         # Gemma 2: alternating sliding/full layers, attention logit softcap, head_dim set explicitly.
         return Gemma2Config(**_base(**{
-            "head_dim": 64, "query_pre_attn_scalar": 64, "sliding_window": 24,
+            "head_dim": 64, "query_pre_attn_scalar": 64, "sliding_window": 8,
             "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "hidden_activation": "gelu_pytorch_tanh",
             **overrides,
         }))
     raise ValueError(f"unknown family {family!r}")
 
 
-def make_model(family: str, attn: str = "sdpa", seed: int = 0, initializer_range: float = 0.1, **overrides):
-    """A seeded tiny causal LM of `family` in fp32 eval mode with `attn_implementation=attn`.
-
-    `initializer_range` is larger than the usual 0.02 so that random-weight logits are not all
-    near-ties (greedy agreement tests compare argmaxes)."""
-    cfg = model_config(family, initializer_range=initializer_range, **overrides)
+def make_model(family: str, attn: str = "sdpa", seed: int = 0, **overrides):
+    """A seeded tiny causal LM of `family` (random weights, transformers' default initializer_range)
+    in fp32 eval mode with `attn_implementation=attn`."""
+    cfg = model_config(family, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn, dtype=torch.float32)
     model.eval()
@@ -111,11 +118,6 @@ def left_padded_batch(lengths=(13, 9, 17), seed: int = 1, device="cpu"):
 def greedy_kwargs(n: int) -> dict:
     # min_new_tokens keeps every run the same length (random weights may emit EOS early).
     return dict(do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=PAD)
-
-
-@pytest.fixture
-def llama():
-    return make_model("llama")
 
 
 @pytest.fixture(autouse=True)

@@ -4,10 +4,19 @@
 to `generate`.
 """
 
-from .attention import register as _register
-from .cache import TurboQuantCache, TurboQuantLayer
-from .codec import TurboQuantizer
-from .config import PRESETS, TurboQuantConfig
+import os as _os
+
+# In a source checkout `kernels/` sits beside `tq_hf/` (the layout the project chose). When this
+# package is imported from the checkout itself (the repository root on sys.path shadows the
+# installed finder), make that folder importable as `tq_hf.kernels` too.
+_checkout_kernels = _os.path.join(_os.path.dirname(__path__[0]), "kernels", "__init__.py")
+if _os.path.exists(_checkout_kernels) and not _os.path.isdir(_os.path.join(__path__[0], "kernels")):
+    __path__.append(_os.path.dirname(__path__[0]))
+
+from .attention import register as _register  # noqa: E402
+from .cache import TurboQuantCache, TurboQuantLayer  # noqa: E402
+from .codec import TurboQuantizer  # noqa: E402
+from .config import PRESETS, TurboQuantConfig  # noqa: E402
 
 __all__ = ["TurboQuantCache", "TurboQuantLayer", "TurboQuantConfig", "TurboQuantizer", "PRESETS"]
 __version__ = "0.1.0"

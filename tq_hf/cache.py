@@ -270,6 +270,8 @@ class TurboQuantLayer(CacheLayerMixin):
     def reset(self) -> None:
         """Drop every stored token (buffers are freed; the next update starts a new sequence)."""
         self._clear()
+        # The new sequence may run under another attention implementation: it claims the layer anew.
+        self.fast_path = False
         self._awaiting_attention = False
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -378,12 +380,23 @@ class TurboQuantCache(Cache):
         self.config = config.replace(**overrides) if overrides else config
         self._layer_types = None
         self._num_layers = None
+        self._sliding_window = self._chunk_size = None
         layers = []
         if model_config is not None:
             text = model_config.get_text_config(decoder=True)
             self._num_layers = text.num_hidden_layers
             self._layer_types = getattr(text, "layer_types", None)
             self._sliding_window = getattr(text, "sliding_window", None)
+            self._chunk_size = getattr(text, "attention_chunk_size", None)
+            if self._layer_types is None:
+                # As transformers' `get_layer_types_and_kwargs`: a config-wide window without
+                # `layer_types` (Mistral) makes every layer sliding (or chunked).
+                kind = (
+                    "sliding_attention" if self._sliding_window is not None
+                    else "chunked_attention" if self._chunk_size is not None
+                    else "full_attention"
+                )
+                self._layer_types = [kind] * self._num_layers
             layers = [self._new_layer(i) for i in range(self._num_layers)]
         elif any(i < 0 for i in self.config.skip_layers):
             raise ValueError(
@@ -395,8 +408,9 @@ class TurboQuantCache(Cache):
     def _new_layer(self, idx: int):
         skip = {i % self._num_layers if self._num_layers else i for i in self.config.skip_layers}
         kind = self._layer_types[idx] if self._layer_types else "full_attention"
-        if kind in ("sliding_attention", "chunked_attention") and self._sliding_window:
-            return DynamicSlidingWindowLayer(sliding_window=self._sliding_window)
+        window = {"sliding_attention": self._sliding_window, "chunked_attention": self._chunk_size}.get(kind)
+        if window:
+            return DynamicSlidingWindowLayer(sliding_window=window)
         if kind not in ("full_attention", "sliding_attention", "chunked_attention"):
             raise ValueError(
                 f"layer {idx} is of type {kind!r}; TurboQuantCache serves attention layers only "

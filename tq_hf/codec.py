@@ -40,14 +40,19 @@ def _codebook_np(dim: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
     w /= w.sum()
     cw, cwx = np.concatenate([[0.0], np.cumsum(w)]), np.concatenate([[0.0], np.cumsum(w * x)])
     levels = 1 << bits
-    cdf = cw[1:]
-    # Start from the distribution's quantile midpoints; Lloyd iterations then converge monotonically.
+    # Start from the high-resolution optimum, point density ∝ f^(1/3) (Panter-Dite): Lloyd then
+    # converges in a few hundred iterations at any b. Starting from f's own quantiles stalls on the
+    # grid far from the optimum at 7-8 bits (+4-7 % MSE at 8 bits, above the paper's bound).
+    cdf = np.cumsum(np.cbrt(w))
+    cdf /= cdf[-1]
     c = np.interp((np.arange(levels) + 0.5) / levels, cdf, x)
     for _ in range(10_000):
         bnd = 0.5 * (c[1:] + c[:-1])
         cut = np.concatenate([[0], np.searchsorted(x, bnd), [x.size]])
         mass = cw[cut[1:]] - cw[cut[:-1]]
         new = np.where(mass > 0, (cwx[cut[1:]] - cwx[cut[:-1]]) / np.maximum(mass, 1e-300), c)
+        # f is even, so the optimum is symmetric; the grid point at 0 would otherwise tilt it (~3e-5).
+        new = 0.5 * (new - new[::-1])
         if np.max(np.abs(new - c)) < 1e-12:
             c = new
             break
