@@ -179,7 +179,7 @@ def _decode_stage2_kernel(
     den = tl.where(den > 0, den, 1.0)
     d = tl.arange(0, BLOCK_D)
     o_rot = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for s in range(0, num_splits):
+    for s in range(num_splits):
         w = tl.exp(tl.load(MidL + b * slb + hq * slh + s, mask=gmask, other=float("-inf")) - m)
         o_rot += w[:, None] * tl.load(MidO + b * sob + hq[:, None] * soh + s * sos + d[None, :],
                                       mask=gmask[:, None], other=0.0)

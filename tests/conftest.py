@@ -49,19 +49,19 @@ def cache_kw(cache) -> dict:
 
 
 def _base(**kw):
-    base = dict(
-        vocab_size=VOCAB,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=PAD,
-        bos_token_id=BOS,
-        eos_token_id=EOS,
-        tie_word_embeddings=False,
-    )
+    base = {
+        "vocab_size": VOCAB,
+        "hidden_size": 128,
+        "intermediate_size": 256,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "pad_token_id": PAD,
+        "bos_token_id": BOS,
+        "eos_token_id": EOS,
+        "tie_word_embeddings": False,
+    }
     base.update(kw)
     return base
 
@@ -117,7 +117,7 @@ def left_padded_batch(lengths=(13, 9, 17), seed: int = 1, device="cpu"):
 
 def greedy_kwargs(n: int) -> dict:
     # min_new_tokens keeps every run the same length (random weights may emit EOS early).
-    return dict(do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=PAD)
+    return {"do_sample": False, "max_new_tokens": n, "min_new_tokens": n, "pad_token_id": PAD}
 
 
 @pytest.fixture(autouse=True)

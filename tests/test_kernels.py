@@ -21,7 +21,6 @@ import zlib
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from tq_hf import TurboQuantCache
 from tq_hf.codec import TurboQuantizer, pack_codes
@@ -37,6 +36,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 if CUDA or INTERPRET:
     from tq_hf.kernels import decode_attention, dequantize, plan_splits, quantize_pack
+
     from tq_hf.workspace import get_workspace
 
 
@@ -132,7 +132,7 @@ def _reference_kv(layer):
 
 
 def _attention(q, k, v, mask, scale, softcap, dtype):
-    B, Hq, _, D = q.shape
+    _B, Hq, _, _D = q.shape
     G = Hq // k.shape[1]
     q, k, v = q.to(dtype), k.repeat_interleave(G, 1).to(dtype), v.repeat_interleave(G, 1).to(dtype)
     s = (q @ k.transpose(-1, -2)) * scale

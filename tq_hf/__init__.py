@@ -13,12 +13,12 @@ _checkout_kernels = _os.path.join(_os.path.dirname(__path__[0]), "kernels", "__i
 if _os.path.exists(_checkout_kernels) and not _os.path.isdir(_os.path.join(__path__[0], "kernels")):
     __path__.append(_os.path.dirname(__path__[0]))
 
-from .attention import register as _register  # noqa: E402
-from .cache import TurboQuantCache, TurboQuantLayer  # noqa: E402
-from .codec import TurboQuantizer  # noqa: E402
-from .config import PRESETS, TurboQuantConfig  # noqa: E402
+from .attention import register as _register
+from .cache import TurboQuantCache, TurboQuantLayer
+from .codec import TurboQuantizer
+from .config import PRESETS, TurboQuantConfig
 
-__all__ = ["TurboQuantCache", "TurboQuantLayer", "TurboQuantConfig", "TurboQuantizer", "PRESETS"]
+__all__ = ["PRESETS", "TurboQuantCache", "TurboQuantConfig", "TurboQuantLayer", "TurboQuantizer"]
 __version__ = "0.1.0"
 
 _register()

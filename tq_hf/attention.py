@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -23,7 +22,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from .cache import TurboQuantLayer, tagged_layer
 from .workspace import get_workspace
 
-__all__ = ["turboquant_attention_forward", "reference_attention", "register"]
+__all__ = ["reference_attention", "register", "turboquant_attention_forward"]
 
 HISTORY_BLOCK = 1024  # tokens dequantized per workspace tile in continuation prefill
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .cache import TurboQuantCache
 from .config import TurboQuantConfig
 
-__all__ = ["environment", "bench_kernels"]
+__all__ = ["bench_kernels", "environment"]
 
 _ROTATE_BYTES = 512 << 20  # > 10x the H100/H200 L2 (50-60 MB)
 
@@ -68,7 +68,7 @@ def bench_kernels(batches=(1, 8, 32), contexts=(1024, 4096, 16384, 65536), prese
     """Decode-attention time of each preset vs bf16 SDPA (enable_gqa) on the same shape."""
     from tqdm.auto import tqdm
 
-    from .kernels import decode_attention
+    from .kernels import decode_attention, quantize_pack
 
     env = environment()
     rows = []
@@ -100,10 +100,8 @@ def bench_kernels(batches=(1, 8, 32), contexts=(1024, 4096, 16384, 65536), prese
             t = _median_us(fns)
             # quantize-on-update cost of one new token for all heads of the batch
             k1 = torch.randn(B, hkv, 1, d, dtype=dtype, device="cuda")
-            from .kernels import quantize_pack
-
-            qt = _median_us([lambda: quantize_pack(k1, layer0.key_quantizer, layer0.k_codes, layer0.k_norms,
-                                                   0, mean=layer0.k_mean)])
+            qt = _median_us([lambda k1=k1, L=layer0: quantize_pack(k1, L.key_quantizer, L.k_codes, L.k_norms, 0,
+                                                                   mean=L.k_mean)])
             rows.append({**env, "system": f"turboquant {preset}", "batch": B, "context": ctx, "us": t,
                          "bytes": read, "GBps": read / t / 1e3, "speedup": t_sdpa / t,
                          "quantize_token_us": 2 * qt})

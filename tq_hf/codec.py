@@ -18,7 +18,7 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["TurboQuantizer", "codebook", "rotation_matrix", "pack_codes", "unpack_codes", "packed_row_bytes"]
+__all__ = ["TurboQuantizer", "codebook", "pack_codes", "packed_row_bytes", "rotation_matrix", "unpack_codes"]
 
 
 def _check_dim_bits(dim: int, bits: int) -> None:
@@ -28,7 +28,7 @@ def _check_dim_bits(dim: int, bits: int) -> None:
         raise ValueError(f"bits must be one of [1, 2, 3, 4, 5, 6, 7, 8], got {bits!r}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _codebook_np(dim: int, bits: int) -> tuple[np.ndarray, np.ndarray]:
     # Lloyd-Max on the exact marginal of one coordinate of a uniform unit vector in R^dim,
     # f(x) ∝ (1 - x^2)^((dim-3)/2) on [-1, 1], discretised on a fine grid. Mass beyond 12
@@ -75,7 +75,7 @@ def _hadamard(n: int) -> np.ndarray:
     return h
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _rotation_np(dim: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     if dim & (dim - 1) == 0:
