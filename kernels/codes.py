@@ -54,3 +54,32 @@ def store_codes(
     ptr = row_ptr[:, None] + g[None, :] * BITS
     for m in tl.static_range(BITS):
         tl.store(ptr + m, ((word >> (8 * m)) & 255).to(tl.uint8), mask=gmask)
+
+
+@triton.jit
+def load_code_rows(
+    base,  # scalar pointer (uint8) to the (batch, head) code plane
+    row_off,  # [BLOCK_N] int32 byte offsets of the rows in that plane
+    row_mask,  # [BLOCK_N] bool
+    D: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BITS: tl.constexpr,
+):
+    """Whole rows of codes `[BLOCK_N, BLOCK_D]` int32.
+
+    For 4- and 8-bit codes and a power-of-two D, a row is read as contiguous bytes (16-byte
+    vector loads) and the two nibbles of each byte are put back in order with `tl.interleave`
+    (one vector load per 16 bytes instead of one load per code). Other widths use `load_codes`' gathers:
+    the same idea extends to 1 and 2 bits (nested interleaves), but that variant has not been
+    checked on a GPU yet, so it is not enabled."""
+    if (BITS == 4 or BITS == 8) and (D == BLOCK_D):
+        ROW_BYTES: tl.constexpr = D * BITS // 8
+        j = tl.arange(0, ROW_BYTES)
+        b = tl.load(base + row_off[:, None] + j[None, :], mask=row_mask[:, None], other=0).to(tl.int32)
+        if BITS == 8:
+            codes = b
+        else:
+            codes = tl.interleave(b & 15, b >> 4)
+    else:
+        codes = load_codes(base, row_off, row_mask, tl.arange(0, BLOCK_D), D, BITS)
+    return codes
