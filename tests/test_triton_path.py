@@ -5,12 +5,11 @@ import os
 
 import pytest
 import torch
+from conftest import cache_kw
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import tq_hf
 from tq_hf.workspace import get_workspace
-
-from conftest import cache_kw
 
 pytestmark = [
     pytest.mark.interpret,
