@@ -43,6 +43,12 @@ def _quantize_pack_kernel(
     x = tl.load(xrow[:, None] + d[None, :] * sxd, mask=tmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
     if HAS_MEAN:
         x -= tl.load(Mean + h * D + d, mask=dmask, other=0.0)[None, :]
+    # Scale each vector by 2**-e (e = frexp exponent of max|x|, clamped to +-125), as the PyTorch path
+    # does: exact, so ordinary vectors keep their bits, while norms of |x| > 1e19 or < 1e-19 stay finite.
+    amax = tl.max(tl.abs(x), axis=1)
+    e = tl.minimum(tl.maximum(((amax.to(tl.int32, bitcast=True) >> 23) & 255) - 126, -125), 125)
+    inv = ((127 - e) << 23).to(tl.float32, bitcast=True)  # 2**-e
+    x = x * inv[:, None]
     norm = tl.sqrt(tl.sum(x * x, axis=1))
     # y = (x / norm) @ Rot.T, K-chunked so the Rot tile stays small (D = 256 would not fit in shared
     # memory whole); ieee: indices must match the fp32 reference away from ties.
@@ -54,6 +60,7 @@ def _quantize_pack_kernel(
         xk = xk.to(tl.float32)
         if HAS_MEAN:
             xk -= tl.load(Mean + h * D + kk, mask=kmask, other=0.0)[None, :]
+        xk = xk * inv[:, None]
         rot_t = tl.load(Rot + d[None, :] * D + kk[:, None], mask=kmask[:, None] & dmask[None, :], other=0.0)
         y += tl.dot(xk, rot_t, input_precision="ieee")
     # Zero vectors: any code works, the zero norm dequantizes to exactly zero.
@@ -67,6 +74,7 @@ def _quantize_pack_kernel(
     if NORM_CORRECTION:
         c = tl.where(dmask[None, :], tl.load(Cent + code), 0.0)
         norm = norm / tl.sqrt(tl.sum(c * c, axis=1))
+    norm = norm * ((e + 127) << 23).to(tl.float32, bitcast=True)  # * 2**e
     pos = offset + t
     store_codes(Codes + b * scb + h * sch + pos * sct, tmask, code, D, BLOCK_D, BITS)
     tl.store(Norms + b * snb + h * snh + pos * snt, norm, mask=tmask)

@@ -31,6 +31,11 @@ from transformers import (
 
 import tq_hf  # noqa: F401  (registers attn_implementation="turboquant")
 
+# The models here are tiny: intra-op threads only add synchronisation, and on a loaded 2-core CI box
+# oversubscribed OpenMP spin-waits made tests 10x slower (a 6 ms generate took 1 s). OMP_NUM_THREADS wins.
+if "OMP_NUM_THREADS" not in os.environ:
+    torch.set_num_threads(1)
+
 VOCAB = 256
 PAD, BOS, EOS = 0, 1, 2
 FAMILIES = ("llama", "mistral", "qwen2", "gemma2")

@@ -233,3 +233,24 @@ def test_workspace_shared_and_bounded(request):
     assert ws._buffers["decode_mid_o"].data_ptr() == ptr
     # scratch scales with the number of splits, not with the context length
     assert size < 64 * 1024 * 16
+
+
+@pytest.mark.parametrize("scale", [1e25, 1e-25, 1e35])
+def test_quantize_huge_and_tiny_vectors_match_reference_backend(request, scale):
+    """The kernel scales each vector by a power of two as the PyTorch path does: norms stay finite
+    and codes/norms match the reference backend where a plain fp32 norm would overflow/underflow."""
+    _seed(request)
+    k = torch.randn(1, 2, 20, 64, device=DEV) * scale
+    v = torch.randn(1, 2, 20, 64, device=DEV) * scale
+    layers = []
+    for backend in ("triton", "torch"):
+        cache = TurboQuantCache(residual_length=0, backend=backend)
+        cache.update(k, v, 0)
+        layers.append(cache.layers[0])
+    tri, ref = layers
+    for name in ("k_codes", "v_codes"):
+        assert torch.equal(getattr(tri, name)[:, :, :20], getattr(ref, name)[:, :, :20])
+    for name in ("k_norms", "v_norms"):
+        got, want = getattr(tri, name)[:, :, :20], getattr(ref, name)[:, :, :20]
+        assert torch.isfinite(got).all() and (got > 0).all()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=0)

@@ -10,6 +10,9 @@
     - continuation prefill (history and q > 1): history dequantized block by block into
       workspace tiles with an online softmax, then the exact new chunk;
 * anything else (DynamicCache, StaticCache, no cache): plain attention, SDPA-equivalent.
+
+`output_attentions=True` takes a dense fallback: the history is dequantized and the probabilities are
+computed in fp32 and returned (as "eager" would), so generate/forward get real attention weights.
 """
 
 from __future__ import annotations
@@ -27,20 +30,29 @@ __all__ = ["reference_attention", "register", "turboquant_attention_forward"]
 HISTORY_BLOCK = 1024  # tokens dequantized per workspace tile in continuation prefill
 
 
-def _eager(q, k, v, mask, scaling, softcap):
-    """Dense attention in fp32 with GQA, bool mask `[B, 1|H, q, kv]` (True = attend), optional softcap.
-    q `[B, Hq, q, D]`, k/v `[B, Hkv, kv, D]` -> `[B, q, Hq, D]` in q's dtype."""
+def _eager(q, k, v, mask, scaling, softcap, return_weights=False):
+    """Dense attention in fp32 with GQA, bool mask `[B, 1|H, q, kv]` (True = attend; None = causal),
+    optional softcap.
+    q `[B, Hq, q, D]`, k/v `[B, Hkv, kv, D]` -> `[B, q, Hq, D]` in q's dtype (and, with `return_weights`,
+    the probabilities `[B, Hq, q, kv]` in q's dtype)."""
     B, Hq, L, D = q.shape
     G = Hq // k.shape[1]
     qf = q.float().view(B, k.shape[1], G, L, D)
     s = torch.einsum("bhgqd,bhkd->bhgqk", qf, k.float()) * scaling
     if softcap:
         s = softcap * torch.tanh(s / softcap)
+    if mask is None and L > 1:
+        # The mask function returns None for an unpadded causal batch (SDPA then sets is_causal):
+        # causal, aligned to the newest key (query i sits at position kv - L + i).
+        mask = torch.ones(L, k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - L)[None, None]
     if mask is not None:
         s = s.masked_fill(~_group_mask(mask, k.shape[1], G), float("-inf"))
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # fully masked rows (padding queries) give 0
     o = torch.einsum("bhgqk,bhkd->bhgqd", p, v.float())
-    return o.reshape(B, Hq, L, D).transpose(1, 2).to(q.dtype)
+    o = o.reshape(B, Hq, L, D).transpose(1, 2).to(q.dtype)
+    if return_weights:
+        return o, p.reshape(B, Hq, L, -1).to(q.dtype)
+    return o
 
 
 def _group_mask(mask, hkv, g):
@@ -127,9 +139,15 @@ def turboquant_attention_forward(
         `([B, q, Hq, D], None)`.
     """
     if kwargs.get("s_aux") is not None:
-        raise NotImplementedError("the 'turboquant' attention does not support attention sinks (s_aux)")
+        raise NotImplementedError(
+            f"the 'turboquant' attention does not support attention sinks (s_aux, {type(module).__name__}, e.g. "
+            "GPT-OSS): load the model with attn_implementation='eager' (TurboQuantCache then dequantizes: correct, "
+            "slow) or use DynamicCache"
+        )
     softcap = kwargs.get("softcap")
     layer = tagged_layer(key)
+    if kwargs.get("output_attentions"):
+        return _with_weights(module, query, key, value, attention_mask, scaling, softcap, layer, dropout)
     if layer is None or tagged_layer(value) is not layer:
         if softcap:
             return _eager(query, key, value, _as_bool_mask(attention_mask), scaling or query.shape[-1] ** -0.5,
@@ -138,7 +156,7 @@ def turboquant_attention_forward(
                                       is_causal=is_causal, **kwargs)
     if dropout:
         raise ValueError("TurboQuantCache is an inference cache: attention dropout must be 0")
-    layer.claim()
+    layer.claim(module)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     mask = _as_bool_mask(attention_mask)
     total, L = layer.get_seq_length(), query.shape[2]
@@ -156,6 +174,25 @@ def turboquant_attention_forward(
             return decode_attention(query, layer, flat, scaling, softcap), None
         return reference_attention(query, layer, total, mask=mask, scaling=scaling, softcap=softcap), None
     return reference_attention(query, layer, history, key, value, mask, scaling, softcap), None
+
+
+def _with_weights(module, query, key, value, attention_mask, scaling, softcap, layer, dropout):
+    """The `output_attentions=True` fallback: dense fp32 attention that also returns its probabilities
+    `[B, Hq, q, kv]`. For a TurboQuantCache layer the history is dequantized (the whole context in
+    full precision: slow, as "eager" is) and the new chunk is exact, as on the fast path."""
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    mask = _as_bool_mask(attention_mask)
+    if layer is not None and tagged_layer(value) is layer:
+        if dropout:
+            raise ValueError("TurboQuantCache is an inference cache: attention dropout must be 0")
+        layer.claim(module)
+        history = layer.get_seq_length() - layer.last_update_len
+        if history:
+            hk, hv = layer.dequantize_range(0, history)
+            key, value = torch.cat([hk, key], 2), torch.cat([hv, value], 2)
+    if mask is not None:
+        mask = mask[..., : key.shape[2]]
+    return _eager(query, key, value, mask, scaling, softcap, return_weights=True)
 
 
 def register() -> None:

@@ -20,10 +20,19 @@ returns dequantized full-precision K/V (correct, slow, warned once).
 from __future__ import annotations
 
 import copy
+import math
 import os
+import weakref
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import (
+    Cache,
+    CacheLayerMixin,
+    DynamicCache,
+    DynamicLayer,
+    DynamicSlidingWindowLayer,
+    LinearAttentionCacheLayerMixin,
+)
 from transformers.utils import logging
 
 from .codec import TurboQuantizer, pack_codes, packed_row_bytes
@@ -35,6 +44,9 @@ __all__ = ["TurboQuantCache", "TurboQuantLayer"]
 
 _GROWTH = 1.25  # capacity headroom: O(log n) re-allocations, at most 25 % unused bytes
 _ALIGN = 64  # tokens
+# Largest |K|, |V| element accepted: beyond it an fp32 norm (<= |x|max * 2 * sqrt(head_dim) with key
+# mean-centring) could overflow. 1e36 keeps head dims up to 4096 safe; real activations are < 1e5.
+MAX_ABS = 1e36
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
@@ -46,6 +58,12 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
             "importing triton, or use backend='torch'/'auto'."
         )
     return backend
+
+
+def _exponent(amax: torch.Tensor) -> torch.Tensor:
+    """Exponents e (int32, same shape) with amax / 2**e in [0.5, 1); 0 for zeros. Clamped so 2**±e is a
+    normal fp32 number."""
+    return torch.frexp(amax).exponent.clamp_(-125, 125)
 
 
 def tagged_layer(t: torch.Tensor):
@@ -66,6 +84,7 @@ class TurboQuantLayer(CacheLayerMixin):
         self.layer_idx = layer_idx
         self.fast_path = False  # claimed by the "turboquant" attention function
         self._awaiting_attention = False
+        self._owner = None  # weakref to the attention module that claimed the layer
         self._clear()
 
     def _clear(self):
@@ -80,12 +99,16 @@ class TurboQuantLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         if key_states.dim() != 4 or key_states.shape != value_states.shape:
             raise ValueError(
-                "TurboQuantCache expects key and value states of one shape [batch, kv_heads, seq, head_dim]; got "
-                f"{tuple(key_states.shape)} and {tuple(value_states.shape)} (models with different key and value "
-                "head dims, e.g. MLA, are not supported)"
+                f"layer {self.layer_idx}: TurboQuantCache expects key and value states of one shape [batch, kv_heads, "
+                f"seq, head_dim]; got {tuple(key_states.shape)} and {tuple(value_states.shape)}. Attention whose keys "
+                "and values differ in width, such as multi-head latent attention (MLA: DeepSeek-V2/V3, Kimi-K2), "
+                "is not supported: use transformers' DynamicCache for this model"
             )
         if not key_states.is_floating_point() or key_states.dtype != value_states.dtype:
-            raise ValueError(f"key/value states must share a float dtype, got {key_states.dtype}, {value_states.dtype}")
+            raise ValueError(
+                f"layer {self.layer_idx}: key/value states must share a float dtype, got {key_states.dtype}, "
+                f"{value_states.dtype}"
+            )
         cfg = self.config
         self.batch_size, self.num_heads, _, self.head_dim = key_states.shape
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -94,7 +117,9 @@ class TurboQuantLayer(CacheLayerMixin):
             self.key_quantizer = TurboQuantizer(self.head_dim, cfg.key_bits, cfg.seed, cfg.norm_correction)
             self.value_quantizer = TurboQuantizer(self.head_dim, cfg.value_bits, cfg.seed + 1, cfg.norm_correction)
         except ValueError as e:
-            raise ValueError(f"TurboQuantCache cannot quantize head_dim={self.head_dim}: {e}") from None
+            raise ValueError(
+                f"layer {self.layer_idx}: TurboQuantCache cannot quantize head_dim={self.head_dim}: {e}"
+            ) from None
         shape = (self.batch_size, self.num_heads, cfg.residual_length, self.head_dim)
         if cfg.residual_length:
             self.k_win = torch.empty(shape, dtype=self.dtype, device=self.device)
@@ -113,7 +138,24 @@ class TurboQuantLayer(CacheLayerMixin):
             if t.dtype != self.dtype:
                 raise ValueError(f"layer {self.layer_idx}: {name} states are {t.dtype}, the cache holds {self.dtype}")
             if t.device != self.device:
-                raise ValueError(f"layer {self.layer_idx}: {name} states are on {t.device}, the cache on {self.device}")
+                raise ValueError(
+                    f"layer {self.layer_idx}: {name} states are on {t.device}, the cache on {self.device}; a cache "
+                    "stays on the device of its first update (call cache.reset() or make a new cache)"
+                )
+
+    def _check_values(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        # A non-finite value would poison its whole code row, one beyond MAX_ABS its fp32 norm: refuse
+        # them. On the GPU the check is a host sync, so decode steps skip it there (a NaN then shows in
+        # that step's output).
+        if (self.backend == "torch" or key_states.shape[2] > 1) and key_states.shape[2] > 0:
+            amax = float(torch.maximum(key_states.abs().amax().float(), value_states.abs().amax().float()))
+            if not math.isfinite(amax):
+                raise ValueError(f"layer {self.layer_idx}: key/value states contain NaN or Inf; not caching them")
+            if amax > MAX_ABS:
+                raise ValueError(
+                    f"layer {self.layer_idx}: key/value states reach |x| = {amax:.3e}; beyond {MAX_ABS:.0e} their "
+                    "fp32 norms could overflow; not caching them"
+                )
 
     # ------------------------------------------------------------------ writing
     def _reserve(self, needed: int) -> None:
@@ -143,11 +185,13 @@ class TurboQuantLayer(CacheLayerMixin):
             return
         if self.k_mean is None:
             # Any mean keeps attention exact (shift invariance); the first chunk's is a good one.
-            self.k_mean = (
-                k.float().mean(dim=(0, 2))
-                if self.config.key_mean_centering
-                else torch.zeros(self.num_heads, self.head_dim, device=self.device)
-            )
+            if self.config.key_mean_centering:
+                # Summed at a power-of-two scale: the same bits as k.mean() unless that sum would overflow.
+                kf = k.float()
+                e = _exponent(kf.abs().amax())
+                self.k_mean = torch.ldexp(torch.ldexp(kf, -e).mean(dim=(0, 2)), e)
+            else:
+                self.k_mean = torch.zeros(self.num_heads, self.head_dim, device=self.device)
         self._reserve(self.n_quant + T)
         s = slice(self.n_quant, self.n_quant + T)
         if self.backend == "triton":
@@ -160,10 +204,14 @@ class TurboQuantLayer(CacheLayerMixin):
                 (k, self.key_quantizer, self.k_codes, self.k_norms, self.k_mean),
                 (v, self.value_quantizer, self.v_codes, self.v_norms, None),
             ):
-                x = x.float() - mean[None, :, None, :] if mean is not None else x
-                idx, n = qz.indices(x)
+                x = x.float() - mean[None, :, None, :] if mean is not None else x.float()
+                # ||x|| in fp32 overflows once |x_i| passes ~1e19 (and underflows below ~1e-19). Scaling
+                # each vector by a power of two first is exact: ordinary vectors get the same codes and
+                # norm bits, huge and tiny ones stay finite.
+                e = _exponent(x.abs().amax(dim=-1, keepdim=True))
+                idx, n = qz.indices(torch.ldexp(x, -e))
                 codes[:, :, s] = pack_codes(idx, qz.bits)
-                norms[:, :, s] = n
+                norms[:, :, s] = torch.ldexp(n, e.squeeze(-1))
         self.n_quant += T
 
     def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -185,15 +233,16 @@ class TurboQuantLayer(CacheLayerMixin):
         Returns the new chunk itself (tagged with this layer) on the first prefill and on the fast
         path; otherwise dequantized history + window + chunk `[B, H, seq, D]` in the model dtype.
         """
-        if not self.is_initialized:
+        fresh = not self.is_initialized
+        if fresh:
             self.lazy_initialization(key_states, value_states)
-        self._check(key_states, value_states)
-        # A non-finite value would poison its whole code row: refuse it. On the GPU the check is a
-        # host sync, so decode steps skip it there (a NaN then shows in that step's output).
-        if (self.backend == "torch" or key_states.shape[2] > 1) and not (
-            torch.isfinite(key_states).all() and torch.isfinite(value_states).all()
-        ):
-            raise ValueError(f"layer {self.layer_idx}: key/value states contain NaN or Inf; not caching them")
+        try:
+            self._check(key_states, value_states)
+            self._check_values(key_states, value_states)
+        except ValueError:
+            if fresh:  # a refused first update leaves no buffers and no shape behind
+                self._clear()
+            raise
         if self.fast_path and self._awaiting_attention:
             raise RuntimeError(
                 f"layer {self.layer_idx} of this TurboQuantCache is read by the 'turboquant' attention, but its "
@@ -216,8 +265,20 @@ class TurboQuantLayer(CacheLayerMixin):
         n = self.get_seq_length()
         return self.dequantize_range(0, n)
 
-    def claim(self) -> None:
-        """Called by the "turboquant" attention: from now on it reads this layer's codes itself."""
+    def claim(self, module: torch.nn.Module | None = None) -> None:
+        """Called by the "turboquant" attention: from now on it reads this layer's codes itself.
+
+        `module` is the attention module reading the layer. A layer serves one module until `reset()`:
+        another module (a second model reusing the cache) raises instead of reading foreign keys."""
+        if module is not None:
+            if self._owner is None:
+                self._owner = weakref.ref(module)
+            elif self._owner() is not module:
+                raise RuntimeError(
+                    f"layer {self.layer_idx} of this TurboQuantCache holds keys and values written for another "
+                    f"attention module than this {type(module).__name__}: a cache serves one model. Call "
+                    "cache.reset() or make a new cache for each model."
+                )
         self.fast_path = True
         self._awaiting_attention = False
 
@@ -270,13 +331,16 @@ class TurboQuantLayer(CacheLayerMixin):
     def reset(self) -> None:
         """Drop every stored token (buffers are freed; the next update starts a new sequence)."""
         self._clear()
-        # The new sequence may run under another attention implementation: it claims the layer anew.
+        # The new sequence may run under another attention implementation (or model): it claims anew.
         self.fast_path = False
         self._awaiting_attention = False
+        self._owner = None
 
     def crop(self, tokens_to_remove: int) -> None:
         """Remove `-tokens_to_remove` newest tokens (negative argument), or keep the first
         `tokens_to_remove` tokens (positive, the legacy form transformers 5.17 still uses)."""
+        # transformers 5.17's assisted decoding passes 0-d tensors: keep the lengths Python ints.
+        tokens_to_remove = int(tokens_to_remove)
         n = self.get_seq_length()
         if tokens_to_remove > 0:
             new_len = min(tokens_to_remove, n)
@@ -296,10 +360,8 @@ class TurboQuantLayer(CacheLayerMixin):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, fn(t))
-        if self.k_win is not None:
-            self.batch_size = self.k_win.shape[0]
-        elif self.k_codes is not None:
-            self.batch_size = self.k_codes.shape[0]
+        # From the index itself: a layer may hold no buffer yet (no window, nothing quantized).
+        self.batch_size = fn(torch.empty(self.batch_size, 0, device=self.device)).shape[0]
         self._refresh_views()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -351,7 +413,10 @@ def _dense_nbytes(layer) -> int:
 def _layer_nbytes(layer) -> int:
     if isinstance(layer, TurboQuantLayer):
         return layer.nbytes()
-    return sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if t is not None)
+    tensors = [getattr(layer, "keys", None), getattr(layer, "values", None)]
+    for states in ("conv_states", "recurrent_states"):  # linear-attention layers
+        tensors += list((getattr(layer, states, None) or {}).values())
+    return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
 
 
 class TurboQuantCache(Cache):
@@ -360,10 +425,14 @@ class TurboQuantCache(Cache):
     Args:
         config: a `TurboQuantConfig`, a preset name (see `tq_hf.config.PRESETS`), or None for the
             default preset. Keyword overrides (`key_bits=3`, `residual_length=128`, ...) apply on top.
-        model_config: optional model config. With it, sliding-window layers are kept in full
-            precision (as transformers' `DynamicSlidingWindowLayer`) and negative `skip_layers`
-            resolve against the layer count; without it every layer is a TurboQuant layer,
-            which stays correct for sliding-window models (the mask hides old tokens).
+        model_config: optional model config. With it the cache starts from the layers transformers'
+            `DynamicCache(config=model_config)` would build and replaces only its plain full-attention
+            layers (`DynamicLayer`) by TurboQuant layers. Sliding-window layers stay full precision
+            (`DynamicSlidingWindowLayer`), linear-attention / convolution layers (Qwen3-Next, LFM2, ...)
+            and layers without a cache of their own keep transformers' layer, and negative `skip_layers`
+            resolve against the layer count. Without it every layer is a TurboQuant layer, which stays
+            correct for sliding-window models (the mask hides old tokens); models with linear-attention
+            layers then need `model_config`.
 
     Example:
         >>> model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="turboquant")
@@ -378,26 +447,20 @@ class TurboQuantCache(Cache):
         elif not isinstance(config, TurboQuantConfig):
             raise TypeError(f"config must be a TurboQuantConfig or a preset name, got {type(config).__name__}")
         self.config = config.replace(**overrides) if overrides else config
-        self._layer_types = None
         self._num_layers = None
-        self._sliding_window = self._chunk_size = None
         layers = []
         if model_config is not None:
-            text = model_config.get_text_config(decoder=True)
-            self._num_layers = text.num_hidden_layers
-            self._layer_types = getattr(text, "layer_types", None)
-            self._sliding_window = getattr(text, "sliding_window", None)
-            self._chunk_size = getattr(text, "attention_chunk_size", None)
-            if self._layer_types is None:
-                # As transformers' `get_layer_types_and_kwargs`: a config-wide window without
-                # `layer_types` (Mistral) makes every layer sliding (or chunked).
-                kind = (
-                    "sliding_attention" if self._sliding_window is not None
-                    else "chunked_attention" if self._chunk_size is not None
-                    else "full_attention"
+            self._num_layers = model_config.get_text_config(decoder=True).num_hidden_layers
+            # transformers' own choice per layer (full, sliding/chunked, linear attention, shared KV, ...).
+            reference = DynamicCache(config=model_config).layers
+            layers = [self._from_reference(i, layer) for i, layer in enumerate(reference)]
+            kept = sorted({type(layer).__name__ for layer in layers if isinstance(layer, CacheLayerMixin)
+                           and type(layer) not in (TurboQuantLayer, DynamicLayer, DynamicSlidingWindowLayer)})
+            if kept:
+                logger.warning_once(
+                    f"TurboQuantCache keeps the keys and values of this model's {', '.join(kept)} layers in full "
+                    "precision (transformers' own layers); only full-attention layers are quantized."
                 )
-                self._layer_types = [kind] * self._num_layers
-            layers = [self._new_layer(i) for i in range(self._num_layers)]
         elif any(i < 0 for i in self.config.skip_layers):
             raise ValueError(
                 f"skip_layers={self.config.skip_layers} counts from the end: pass model_config=model.config so "
@@ -405,25 +468,51 @@ class TurboQuantCache(Cache):
             )
         super().__init__(layers=layers)
 
+    def _skipped(self, idx: int) -> bool:
+        return idx in {i % self._num_layers if self._num_layers else i for i in self.config.skip_layers}
+
+    def _from_reference(self, idx: int, layer):
+        if type(layer) is DynamicLayer:  # plain full attention: the layers TurboQuant compresses
+            return DynamicLayer() if self._skipped(idx) else TurboQuantLayer(self.config, layer_idx=idx)
+        return layer
+
     def _new_layer(self, idx: int):
-        skip = {i % self._num_layers if self._num_layers else i for i in self.config.skip_layers}
-        kind = self._layer_types[idx] if self._layer_types else "full_attention"
-        window = {"sliding_attention": self._sliding_window, "chunked_attention": self._chunk_size}.get(kind)
-        if window:
-            return DynamicSlidingWindowLayer(sliding_window=window)
-        if kind not in ("full_attention", "sliding_attention", "chunked_attention"):
+        if self._num_layers is not None:
             raise ValueError(
-                f"layer {idx} is of type {kind!r}; TurboQuantCache serves attention layers only "
-                "(full, sliding or chunked attention)"
+                f"layer_idx={idx}, but this TurboQuantCache was built for a model of {self._num_layers} layers "
+                "(model_config): a cache serves one model. Make a new cache for this model."
             )
-        if idx in skip:
-            return DynamicLayer()
-        return TurboQuantLayer(self.config, layer_idx=idx)
+        return DynamicLayer() if self._skipped(idx) else TurboQuantLayer(self.config, layer_idx=idx)
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         while len(self.layers) <= layer_idx:
             self.layers.append(self._new_layer(len(self.layers)))
         return self.layers[layer_idx].update(key_states, value_states)
+
+    def _require_linear_layer(self, layer_idx: int, what: str) -> None:
+        if layer_idx >= len(self.layers) or not isinstance(self.layers[layer_idx], LinearAttentionCacheLayerMixin):
+            raise ValueError(
+                f"layer {layer_idx} called {what}: it is a linear-attention / convolution (state-space) layer, which "
+                "has no per-token keys and values. Build the cache with TurboQuantCache(..., "
+                "model_config=model.config): such layers then keep transformers' own state and only the "
+                "attention layers are quantized."
+            )
+
+    def get_conv_state(self, layer_idx: int, *args, **kwargs):
+        self._require_linear_layer(layer_idx, "get_conv_state")
+        return super().get_conv_state(layer_idx, *args, **kwargs)
+
+    def get_recurrent_state(self, layer_idx: int, *args, **kwargs):
+        self._require_linear_layer(layer_idx, "get_recurrent_state")
+        return super().get_recurrent_state(layer_idx, *args, **kwargs)
+
+    def update_conv_state(self, conv_states, layer_idx: int, *args, **kwargs):
+        self._require_linear_layer(layer_idx, "update_conv_state")
+        return super().update_conv_state(conv_states, layer_idx, *args, **kwargs)
+
+    def update_recurrent_state(self, recurrent_states, layer_idx: int, *args, **kwargs):
+        self._require_linear_layer(layer_idx, "update_recurrent_state")
+        return super().update_recurrent_state(recurrent_states, layer_idx, *args, **kwargs)
 
     def nbytes(self) -> int:
         """Bytes of every tensor the cache holds right now (codes, norms, window, means)."""
