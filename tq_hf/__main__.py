@@ -8,10 +8,7 @@ built-in tiny Llama with random weights (no download); with `--model PATH` a loc
 from __future__ import annotations
 
 import argparse
-import inspect
-import os
 import sys
-import time
 import warnings
 
 DEFAULT_PROMPT = (
@@ -47,132 +44,34 @@ def _fmt_bytes(n: float) -> str:
     raise AssertionError
 
 
-def _cache_bytes(cache) -> int:
-    if hasattr(cache, "nbytes"):
-        return cache.nbytes()
-    return sum(
-        t.numel() * t.element_size()
-        for layer in cache.layers
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
-        if t is not None
-    )
-
-
-def _resolve_device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available (use --device cpu or auto)")
-    return torch.device(name)
-
-
-def _resolve_dtype(name: str, device):
-    import torch
-
-    if name == "auto":
-        # bf16 is what models run in on GPUs; on CPUs fp32 is the fast and exact choice.
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, name)
-
-
-def _load_local(path: str, device, dtype):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    if not os.path.exists(path):
-        raise UsageError(f"--model {path!r} does not exist (the demo only loads local checkpoints, nothing is downloaded)")
-    try:
-        config = AutoConfig.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError) as e:
-        raise UsageError(f"--model {path!r} has no loadable transformers config: {e}") from None
-    if getattr(config, "is_encoder_decoder", False):
-        raise UsageError(
-            f"--model {path!r} is an encoder-decoder model ({config.model_type}); TurboQuantCache serves "
-            "decoder-only causal language models"
-        )
-    if getattr(config, "is_decoder", None) is False:
-        # BERT-style encoders map to a *LMHeadModel in AutoModelForCausalLM but attend bidirectionally.
-        raise UsageError(
-            f"--model {path!r} is an encoder ({config.model_type}, is_decoder=False); TurboQuantCache serves "
-            "decoder-only causal language models"
-        )
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, attn_implementation="turboquant", dtype=dtype
-        )
-    except ValueError as e:
-        raise UsageError(
-            f"--model {path!r} ({config.model_type}) cannot be loaded as a decoder-only causal LM with "
-            f"attn_implementation='turboquant': {e}"
-        ) from None
-    except OSError as e:
-        raise UsageError(f"--model {path!r}: the weights cannot be loaded: {e}") from None
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UsageError(f"--model {path!r}: no tokenizer could be loaded from the folder: {e}") from None
-    return model.to(device).eval(), tokenizer, f"{os.path.basename(os.path.normpath(path))} ({config.model_type})"
-
-
-class _Progress:
-    """A `generate` streamer that advances a tqdm bar by one per generated token."""
-
-    def __init__(self, bar):
-        self.bar, self._prompt_seen = bar, False
-
-    def put(self, value):
-        if not self._prompt_seen:  # generate() first pushes the prompt
-            self._prompt_seen = True
-            return
-        self.bar.update(1)
-
-    def end(self):
-        self.bar.close()
-
-
-def _generate(model, inputs, cache, max_new_tokens, progress_desc=None):
-    """Greedy generate with `cache`; returns (new token ids [n], seconds)."""
-    import torch
-    from tqdm.auto import tqdm
-
-    # transformers >= 5.24 names the argument `cache` (the old `past_key_values` warns); 5.17 knows only
-    # `past_key_values`.
-    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    kwargs = dict(inputs, max_new_tokens=max_new_tokens, do_sample=False, **{cache_kw: cache})
-    if progress_desc:
-        kwargs["streamer"] = _Progress(tqdm(total=max_new_tokens, desc=progress_desc, unit="tok", leave=False))
-    sync = torch.cuda.synchronize if model.device.type == "cuda" else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(**kwargs)
-    sync()
-    return out[0, inputs["input_ids"].shape[1]:].tolist(), time.perf_counter() - start
-
-
 # ---------------------------------------------------------------------------------------------- demo
 def demo(args) -> int:
+    from tqdm.auto import tqdm
     from transformers import DynamicCache
 
     import tq_hf
+    from tq_hf.analysis import (
+        ModelLoadError,
+        cache_nbytes,
+        common_prefix,
+        generate_timed,
+        load_model,
+        resolve_device,
+        resolve_dtype,
+    )
     from tq_hf.config import PRESETS
 
     if args.preset not in PRESETS:
         raise UsageError(f"unknown preset {args.preset!r}; valid presets: {', '.join(sorted(PRESETS))}")
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    device = _resolve_device(args.device)
-    dtype = _resolve_dtype(args.dtype, device)
-
-    if args.model is None:
-        from tq_hf.models import tiny_llama
-
-        model, tokenizer = tiny_llama(seed=args.seed, dtype=dtype)
-        model = model.to(device)
-        name = f"built-in tiny Llama (random weights, seed {args.seed})"
-    else:
-        model, tokenizer, name = _load_local(args.model, device, dtype)
+    try:
+        device = resolve_device(args.device)
+        dtype = resolve_dtype(args.dtype, device)
+        model, tokenizer, name = load_model(args.model, device, dtype, seed=args.seed)
+    except ModelLoadError as e:
+        # The library names the path "model path"; on the command line it is --model.
+        raise UsageError(str(e).replace("model path", "--model", 1)) from None
 
     encoded = tokenizer(args.prompt, return_tensors="pt")
     inputs = {k: encoded[k].to(device) for k in ("input_ids", "attention_mask") if k in encoded}
@@ -187,8 +86,9 @@ def demo(args) -> int:
 
     def run(make_cache, n_tokens, desc=None):
         cache = make_cache()
+        bar = tqdm(total=n_tokens, desc=desc, unit="tok", leave=False) if desc else None
         try:
-            ids, seconds = _generate(model, inputs, cache, n_tokens, desc)
+            ids, seconds, _ = generate_timed(model, inputs, cache, n_tokens, progress=bar)
         except (ValueError, NotImplementedError) as e:
             if not isinstance(cache, tq_hf.TurboQuantCache):
                 raise
@@ -212,12 +112,8 @@ def demo(args) -> int:
         dense, dense_ids, dense_s = run(lambda: DynamicCache(config=model.config), args.max_new_tokens, "DynamicCache")
         tq, tq_ids, tq_s = run(new_tq_cache, args.max_new_tokens, f"TurboQuant {args.preset}")
 
-    agree = 0
-    for a, b in zip(dense_ids, tq_ids):
-        if a != b:
-            break
-        agree += 1
-    dense_bytes, tq_bytes = _cache_bytes(dense), tq.nbytes()
+    agree = common_prefix(dense_ids, tq_ids)
+    dense_bytes, tq_bytes = cache_nbytes(dense), tq.nbytes()
     # Both caches hold the prompt plus all but the last generated token.
     dense_tok, tq_tok = n_prompt + len(dense_ids) - 1, n_prompt + len(tq_ids) - 1
     ratio = (dense_bytes / dense_tok) / (tq_bytes / tq_tok) if tq_bytes and dense_tok and tq_tok else float("nan")

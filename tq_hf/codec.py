@@ -8,6 +8,15 @@ A vector x of dimension d is stored as b-bit indices into a Lloyd-Max codebook p
 
 Codes are a little-endian bit stream per vector: code i occupies bits [i*b, i*b + b) of its row,
 so a row is exactly d*b/8 bytes (3 bits cost 3 bits).
+
+`TurboQuantizer(..., mode="prod")` is the paper's TurboQuant_prod, offered as a reference *estimator*
+of inner products: (b-1)-bit mse codes plus a 1-bit QJL sign sketch of the residual,
+
+    r   = x - x_mse                          x_mse: the (b-1)-bit TurboQuant_mse reconstruction
+    qjl = sign(S r),  S ~ N(0, 1)^{d x d}    seeded, independent of Pi; plus ||r|| (fp32)
+    <q, x>  ~=  <q, x_mse> + ||r|| * sqrt(pi/2) / d * <S q, qjl>     (unbiased over S)
+
+It is not wired into TurboQuantCache or the kernels.
 """
 
 from __future__ import annotations
@@ -18,7 +27,18 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["TurboQuantizer", "codebook", "pack_codes", "packed_row_bytes", "rotation_matrix", "unpack_codes"]
+__all__ = [
+    "QUANTIZER_MODES",
+    "TurboQuantizer",
+    "codebook",
+    "pack_codes",
+    "packed_row_bytes",
+    "qjl_matrix",
+    "rotation_matrix",
+    "unpack_codes",
+]
+
+QUANTIZER_MODES = ("mse", "prod")
 
 
 def _check_dim_bits(dim: int, bits: int) -> None:
@@ -93,6 +113,19 @@ def rotation_matrix(dim: int, seed: int = 0, device=None) -> torch.Tensor:
     return torch.tensor(_rotation_np(dim, seed), dtype=torch.float32, device=device)
 
 
+@functools.lru_cache(maxsize=32)
+def _qjl_np(dim: int, seed: int) -> np.ndarray:
+    # Its own stream (the seed sequence [seed, "QJL"]), so S is independent of the rotation Pi.
+    return np.random.default_rng([seed, 0x514A4C]).standard_normal((dim, dim))
+
+
+def qjl_matrix(dim: int, seed: int = 0, device=None) -> torch.Tensor:
+    """The QJL projection S `[dim, dim]` (fp32, i.i.d. N(0, 1) entries) of TurboQuant_prod:
+    sketch = sign(r @ S.T). Seeded; independent of `rotation_matrix(dim, seed)`."""
+    _check_dim_bits(dim, 1)
+    return torch.tensor(_qjl_np(dim, seed), dtype=torch.float32, device=device)
+
+
 def packed_row_bytes(dim: int, bits: int) -> int:
     """Bytes one vector's codes take: exactly dim * bits / 8 (dim is a multiple of 8)."""
     return dim * bits // 8
@@ -116,34 +149,60 @@ def unpack_codes(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
 
 
 class TurboQuantizer:
-    """TurboQuant_mse for vectors of one dimension: rotation, Lloyd-Max codes, packing.
+    """TurboQuant for vectors of one dimension: rotation, Lloyd-Max codes, packing; `mode="prod"`
+    adds the paper's QJL residual sketch as an unbiased inner-product estimator.
 
     Args:
         dim: vector dimension (multiple of 8).
-        bits: bits per coordinate (1-8).
-        seed: seed of the rotation.
+        bits: bits per coordinate (1-8). In "prod" mode the total budget b (2-8): b-1 bits of mse
+            codes plus 1 bit of QJL sketch per coordinate.
+        seed: seed of the rotation (and, in "prod" mode, of the QJL matrix S).
         norm_correction: store ||x|| / ||c[idx]|| so the dequantized vector has exactly ||x||. Off by
             default (the paper's form, which is MSE-optimal: at 1 bit correction raises MSE to ~0.40).
+        mode: "mse" (default): TurboQuant_mse. "prod": TurboQuant_prod (reference only: the cache and
+            the kernels do not use it).
 
-    `quantize(x)` takes `[..., dim]` and returns a dict with `codes` (uint8 `[..., dim*bits/8]`),
-    `norms` (fp32 `[...]`) and `dtype`; `dequantize(codes)` gives back `[..., dim]` in x's dtype.
+    `quantize(x)` takes `[..., dim]` and returns a dict with `codes` (uint8 `[..., dim*mse_bits/8]`),
+    `norms` (fp32 `[...]`) and `dtype`; in "prod" mode also `qjl` (uint8 `[..., dim/8]`: the packed
+    signs of S r, bit 1 = positive) and `residual_norms` (fp32 `[...]`: ||r||, r = x - x_mse).
+    `dequantize(codes)` gives back `[..., dim]` in x's dtype (in "prod" mode the mse part only).
+    `inner_product(q, codes)` estimates <q, x>.
     """
 
-    def __init__(self, dim: int, bits: int, seed: int = 0, norm_correction: bool = False):
+    def __init__(self, dim: int, bits: int, seed: int = 0, norm_correction: bool = False, mode: str = "mse"):
         _check_dim_bits(dim, bits)
+        if mode not in QUANTIZER_MODES:
+            raise ValueError(f"mode must be one of {list(QUANTIZER_MODES)}, got {mode!r}")
+        if mode == "prod" and bits < 2:
+            raise ValueError(
+                f"mode='prod' needs bits >= 2 (bits - 1 for the mse codes plus 1 for the QJL sketch), got {bits!r}"
+            )
         self.dim, self.bits, self.seed, self.norm_correction = dim, bits, seed, norm_correction
+        self.mode = mode
+        # Bits of the Lloyd-Max codes: all of them for mse, one fewer for prod (the QJL bit).
+        self.mse_bits = bits - 1 if mode == "prod" else bits
         self._per_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._qjl_per_device: dict[torch.device, torch.Tensor] = {}
 
     def tensors(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(rotation `[d, d]`, centroids `[2**b]`, boundaries `[2**b - 1]`), fp32, cached per device."""
+        """(rotation `[d, d]`, centroids `[2**b]`, boundaries `[2**b - 1]`), fp32, cached per device
+        (b = `mse_bits`)."""
         device = torch.device(device)
         if device not in self._per_device:
-            c, b = codebook(self.dim, self.bits, device)
+            c, b = codebook(self.dim, self.mse_bits, device)
             self._per_device[device] = (rotation_matrix(self.dim, self.seed, device), c, b)
         return self._per_device[device]
 
+    def qjl_tensor(self, device) -> torch.Tensor:
+        """The QJL matrix S `[d, d]` (fp32), cached per device ("prod" mode)."""
+        device = torch.device(device)
+        if device not in self._qjl_per_device:
+            self._qjl_per_device[device] = qjl_matrix(self.dim, self.seed, device)
+        return self._qjl_per_device[device]
+
     def indices(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unpacked codes (int64 `[..., d]`) and stored norms (fp32 `[...]`) of `x` `[..., d]`."""
+        """Unpacked codes (int64 `[..., d]`) and stored norms (fp32 `[...]`) of `x` `[..., d]`
+        (the mse part in "prod" mode)."""
         if x.shape[-1] != self.dim:
             raise ValueError(f"expected last dimension {self.dim}, got shape {tuple(x.shape)}")
         rot, centroids, boundaries = self.tensors(x.device)
@@ -158,13 +217,54 @@ class TurboQuantizer:
 
     def quantize(self, x: torch.Tensor) -> dict:
         idx, norms = self.indices(x)
-        return {"codes": pack_codes(idx, self.bits), "norms": norms, "dtype": x.dtype}
+        out = {"codes": pack_codes(idx, self.mse_bits), "norms": norms, "dtype": x.dtype}
+        if self.mode == "prod":
+            rot, centroids, _ = self.tensors(x.device)
+            residual = x.float() - (centroids[idx] * norms.unsqueeze(-1)) @ rot
+            sketch = residual @ self.qjl_tensor(x.device).T
+            # sign(0) is taken as +1: any sign is unbiased when the projection is exactly zero.
+            out["qjl"] = pack_codes((sketch >= 0).to(torch.int64), 1)
+            out["residual_norms"] = residual.norm(dim=-1)
+        return out
 
     def dequantize_rotated(self, codes: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
         """n * c[idx] in the rotated space, fp32 `[..., d]` (what the kernels accumulate)."""
         _, centroids, _ = self.tensors(codes.device)
-        return centroids[unpack_codes(codes, self.bits, self.dim)] * norms.unsqueeze(-1)
+        return centroids[unpack_codes(codes, self.mse_bits, self.dim)] * norms.unsqueeze(-1)
 
     def dequantize(self, q: dict) -> torch.Tensor:
+        """x_mse `[..., d]` in the input's dtype.
+
+        In "prod" mode this is the (bits-1)-bit mse reconstruction only: the QJL term is never added
+        back into a dequantized vector. Added back, it gives an unbiased but much noisier key
+        (the variance that hurts softmax attention, DESIGN.md section 1); use `inner_product`."""
         rot, _, _ = self.tensors(q["codes"].device)
         return (self.dequantize_rotated(q["codes"], q["norms"]) @ rot).to(q["dtype"])
+
+    def inner_product(self, query: torch.Tensor, q: dict) -> torch.Tensor:
+        """Estimate <query, x> from the quantized `q = quantize(x)`, in fp32.
+
+        "prod" mode: <query, x_mse> + ||r|| * sqrt(pi/2) / d * <S query, sign(S r)>, unbiased over
+        the random S (Theorem 2 of the paper: for unit x its variance is at most
+        sqrt(3) * pi^2 / d * 4^-b * ||query||^2). "mse" mode: <query, x_mse> (biased: E x_mse is a
+        shrunk x).
+
+        Args:
+            query: `[..., d]`, any float dtype.
+            q: the dict `quantize` returned for x `[..., d]`.
+        Returns:
+            fp32 `[...]`: the leading dims of `query` and of x broadcast against each other, so for
+            query and x of one shape the result has shape `query.shape[:-1]`; for all pairs of
+            queries `[m, d]` and vectors `[n, d]`, pass `query[:, None]` to get `[m, n]`.
+        """
+        if query.shape[-1] != self.dim:
+            raise ValueError(f"expected last dimension {self.dim}, got shape {tuple(query.shape)}")
+        rot, _, _ = self.tensors(q["codes"].device)
+        qf = query.float()
+        # <query, Pi^T y> = <Pi query, y>: rotate the query once instead of every vector.
+        est = ((qf @ rot.T) * self.dequantize_rotated(q["codes"], q["norms"])).sum(-1)
+        if self.mode == "prod":
+            signs = unpack_codes(q["qjl"], 1, self.dim).float().mul_(2).sub_(1)
+            sq = qf @ self.qjl_tensor(q["codes"].device).T
+            est = est + q["residual_norms"] * (math.sqrt(math.pi / 2) / self.dim) * (sq * signs).sum(-1)
+        return est

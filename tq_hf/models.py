@@ -7,10 +7,15 @@ bytes held, speed of the PyTorch path, and whether greedy decoding matches `Dyna
 
 from __future__ import annotations
 
+import os
+
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-__all__ = ["TINY_LLAMA_DEFAULTS", "ByteTokenizer", "tiny_llama"]
+__all__ = ["REFERENCE_MODEL_DIR", "TINY_LLAMA_DEFAULTS", "ByteTokenizer", "reference_model", "tiny_llama"]
+
+# The trained reference model shipped with the package (see tq_hf.train and its train_log.json).
+REFERENCE_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "ref_model")
 
 # head_dim 128 like most real models (so bytes per token match the README's table); GQA with 2 query
 # heads per KV head; 6 layers so the k3v2 preset (first and last two layers unquantized) still
@@ -83,4 +88,42 @@ def tiny_llama(seed: int = 0, attn_implementation: str = "turboquant", dtype: to
     # Random weights emit EOS at random: generate always runs to max_new_tokens, so runs compare.
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = config.pad_token_id
+    return model.eval(), ByteTokenizer()
+
+
+def reference_model(attn_implementation: str = "turboquant", dtype: torch.dtype = torch.float32, device=None,
+                    path: str | None = None):
+    """The trained reference model shipped in `tq_hf/data/ref_model` and its `ByteTokenizer`.
+
+    A 4-layer byte-level Llama (head_dim 128, 2 query heads sharing 1 KV head, ~2.1M parameters,
+    weights stored in bf16) trained by `python -m tq_hf.train` on Python's standard-library sources
+    (600 steps on a CPU; held-out loss 1.81 nats = 2.61 bits per byte); `train_log.json` beside the
+    weights records data, steps, loss and wall time. Unlike `tiny_llama` its logits are peaked and
+    depend on the context, so KL and top-1 agreement under quantization mean something. It is still
+    small and short-trained: it mostly uses the last ~16-64 bytes and has not learned to copy
+    (no induction heads), so a passkey test scores 0 % on it even with an exact cache.
+    Loaded locally: no download.
+
+    Args:
+        attn_implementation: attention to load the model with ("turboquant" is registered on import of tq_hf).
+        dtype: parameter dtype (the bf16 weights are upcast for float32).
+        device: where to put the model (default: CPU).
+        path: another folder written by `tq_hf.train` (default: the shipped one).
+    Returns:
+        `(model, tokenizer)`, the model in eval mode.
+    """
+    import tq_hf  # noqa: F401  (registers the "turboquant" attention)
+
+    path = path or REFERENCE_MODEL_DIR
+    if not os.path.isfile(os.path.join(path, "model.safetensors")):
+        raise FileNotFoundError(
+            f"no reference model at {path!r}: train one with `python -m tq_hf.train --out {path}`"
+        )
+    model = LlamaForCausalLM.from_pretrained(path, attn_implementation=attn_implementation, dtype=dtype,
+                                             local_files_only=True)
+    if device is not None:
+        model = model.to(device)
+    # It was trained without EOS (windows of concatenated files): generate runs to max_new_tokens.
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = model.config.pad_token_id
     return model.eval(), ByteTokenizer()

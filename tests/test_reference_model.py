@@ -1,0 +1,106 @@
+"""The trained reference model shipped in tq_hf/data/ref_model, and the script that trains it."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tq_hf import train as tq_train
+from tq_hf.models import REFERENCE_MODEL_DIR, ByteTokenizer, reference_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "num_key_value_heads": 1, "head_dim": 16}
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return reference_model()
+
+
+def test_shipped_files_and_log():
+    names = set(os.listdir(REFERENCE_MODEL_DIR))
+    assert {"config.json", "model.safetensors", "train_log.json"} <= names
+    assert os.path.getsize(os.path.join(REFERENCE_MODEL_DIR, "model.safetensors")) < 6 * 2**20
+    log = json.loads(pathlib.Path(REFERENCE_MODEL_DIR, "train_log.json").read_text())
+    for key in ("seed", "steps", "batch_size", "seq_len", "wall_time_s", "device", "versions", "data", "loss", "command"):
+        assert key in log, key
+    assert log["steps"] > 0 and log["wall_time_s"] > 0
+    # Held-out files never trained on; both lists recorded with hashes.
+    train_names = {f["name"] for f in log["data"]["train_files"]}
+    eval_names = {f["name"] for f in log["data"]["eval_files"]}
+    assert eval_names and not train_names & eval_names
+    assert all(len(f["sha256"]) == 64 for f in log["data"]["train_files"])
+    assert log["loss"]["final_held_out"] < log["loss"]["first_step"]
+
+
+def test_package_data_declared():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    cfg = tomllib.loads(pathlib.Path(ROOT, "pyproject.toml").read_text())
+    patterns = cfg["tool"]["setuptools"]["package-data"]["tq_hf"]
+    import fnmatch
+
+    for name in ("config.json", "model.safetensors", "train_log.json"):
+        assert any(fnmatch.fnmatch(f"data/ref_model/{name}", p) for p in patterns), name
+
+
+def test_reference_model_loads_and_is_trained(ref):
+    model, tok = ref
+    cfg = model.config
+    assert isinstance(tok, ByteTokenizer) and cfg.vocab_size == ByteTokenizer.vocab_size
+    assert cfg.head_dim == 128 and cfg.num_hidden_layers == tq_train.REF_MODEL_CONFIG["num_hidden_layers"]
+    assert model.config._attn_implementation == "turboquant" and model.dtype == torch.float32
+    n = sum(p.numel() for p in model.parameters())
+    assert 3e5 < n < 3e6
+    # A held-out snippet: far better than the 8 bits/byte of a uniform guess (a trained model).
+    text = tq_train.eval_texts(n_bytes=300)[0]
+    ids = torch.tensor([tok.encode(text)])
+    with torch.no_grad():
+        logits = model(ids).logits[0, :-1]
+    nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:]).item()
+    assert nll / math.log(2) < 3.5
+
+
+def test_reference_model_weights_match_file(ref):
+    model, _ = ref
+    sd = load_file(os.path.join(REFERENCE_MODEL_DIR, "model.safetensors"))
+    name = "model.layers.0.self_attn.k_proj.weight"
+    assert sd[name].dtype == torch.bfloat16
+    torch.testing.assert_close(model.state_dict()[name], sd[name].float(), rtol=0, atol=0)
+
+
+def test_missing_reference_model_raises(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tq_hf.train"):
+        reference_model(path=str(tmp_path))
+
+
+def test_corpus_split_is_fixed_and_disjoint():
+    train, held = tq_train.corpus_files()
+    assert train == sorted(train) and held == sorted(held)
+    assert not set(train) & set(held)
+    assert {os.path.basename(f) for f in held} <= set(tq_train.EVAL_FILES)
+    assert all(f.endswith(".py") for f in train + held)
+
+
+def test_train_smoke_is_reproducible(tmp_path):
+    kw = {"steps": 3, "batch_size": 2, "seq_len": 32, "warmup": 1, "eval_every": 2, "config_overrides": TINY,
+          "log": lambda *_: None}
+    a = tq_train.train(str(tmp_path / "a"), **kw)
+    tq_train.train(str(tmp_path / "b"), **kw)
+    for d in ("a", "b"):
+        assert {"config.json", "model.safetensors", "train_log.json"} <= set(os.listdir(tmp_path / d))
+    wa, wb = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    log = json.loads((tmp_path / "a" / "train_log.json").read_text())
+    assert log == json.loads(json.dumps(a))
+    assert log["steps"] == 3 and log["tokens_seen"] == 3 * 2 * 32
+    assert [e["step"] for e in log["loss"]["held_out_curve"]] == [2, 3]
+    # A folder written by the script loads with the package's loader.
+    model, _ = reference_model(path=str(tmp_path / "a"))
+    assert model.config.hidden_size == 32
