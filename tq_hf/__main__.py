@@ -177,10 +177,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TurboQuant backend (default: auto = Triton on CUDA, PyTorch reference elsewhere)")
     p.add_argument("--seed", type=int, default=0, help="weight seed of the built-in model (default: 0)")
     p.set_defaults(func=demo)
+
+    from . import bench
+
+    b = sub.add_parser("bench", help="GPU benchmarks (kernels, generate)").add_subparsers(
+        dest="bench_command", metavar="BENCH", required=True)
+    bench.add_generate_arguments(b.add_parser("generate", help="generate(): TTFT, tokens/s, memory, capacity"))\
+        .set_defaults(func=bench.run_generate)
+    bench.add_kernels_arguments(b.add_parser("kernels", help="decode attention vs bf16 SDPA"))\
+        .set_defaults(func=bench.run_kernels)
+    # Listed for --help only: main() hands `eval`'s arguments to tq_hf.evaluate, which parses its own.
+    sub.add_parser("eval", add_help=False, help="perplexity, KL, top-1 agreement, retrieval per preset "
+                   "(python -m tq_hf eval --help)")
     return parser
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["eval"]:
+        from . import evaluate
+
+        return evaluate.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
