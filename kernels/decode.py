@@ -17,6 +17,7 @@ import triton.language as tl
 from tq_hf.workspace import get_workspace
 
 from .codes import load_code_rows
+from .quantize import on_device
 
 _NEG_INF = float("-inf")
 
@@ -282,28 +283,29 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
     if block_n < 32 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two >= 32, got {block_n}")
     BLOCK_G = max(16, triton.next_power_of_2(G))
-    _decode_stage1_kernel[(B * Hkv, S + 1)](
-        query, kc, kn, vc, vn, kmean, rot_k, cent_k, cent_v, kw, vw, mask_u8, mid_o, mid_l,
-        Hkv, layer.n_quant, layer.n_window, chunk, scaling if scaling is not None else D**-0.5,
-        softcap or 0.0,
-        query.stride(0), query.stride(1), query.stride(3),
-        *kc.stride()[:3], *kn.stride()[:3],
-        *vc.stride()[:3], *vn.stride()[:3],
-        *kw.stride(),
-        *mask_u8.stride(),
-        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
-        mid_l.stride(0), mid_l.stride(1),
-        G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D, BLOCK_N=block_n, BLOCK_K=min(BLOCK_D, 64),
-        KBITS=kq.bits, VBITS=vq.bits, HAS_MASK=mask is not None, HAS_SOFTCAP=bool(softcap),
-        DOT_PRECISION=precision, num_warps=num_warps, num_stages=num_stages,
-    )
-    _decode_stage2_kernel[(B * Hkv,)](
-        mid_o, mid_l, rot_v, out,
-        Hkv, S,
-        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
-        mid_l.stride(0), mid_l.stride(1),
-        out.stride(0), out.stride(2),
-        G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D, BLOCK_C=min(BLOCK_D, 64),
-        BLOCK_S=triton.next_power_of_2(S + 1), DOT_PRECISION=precision, num_warps=4,
-    )
+    with on_device(query.device):
+        _decode_stage1_kernel[(B * Hkv, S + 1)](
+            query, kc, kn, vc, vn, kmean, rot_k, cent_k, cent_v, kw, vw, mask_u8, mid_o, mid_l,
+            Hkv, layer.n_quant, layer.n_window, chunk, scaling if scaling is not None else D**-0.5,
+            softcap or 0.0,
+            query.stride(0), query.stride(1), query.stride(3),
+            *kc.stride()[:3], *kn.stride()[:3],
+            *vc.stride()[:3], *vn.stride()[:3],
+            *kw.stride(),
+            *mask_u8.stride(),
+            mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
+            mid_l.stride(0), mid_l.stride(1),
+            G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D, BLOCK_N=block_n, BLOCK_K=min(BLOCK_D, 64),
+            KBITS=kq.bits, VBITS=vq.bits, HAS_MASK=mask is not None, HAS_SOFTCAP=bool(softcap),
+            DOT_PRECISION=precision, num_warps=num_warps, num_stages=num_stages,
+        )
+        _decode_stage2_kernel[(B * Hkv,)](
+            mid_o, mid_l, rot_v, out,
+            Hkv, S,
+            mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
+            mid_l.stride(0), mid_l.stride(1),
+            out.stride(0), out.stride(2),
+            G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D, BLOCK_C=min(BLOCK_D, 64),
+            BLOCK_S=triton.next_power_of_2(S + 1), DOT_PRECISION=precision, num_warps=4,
+        )
     return out

@@ -1,5 +1,7 @@
 """Quantize + pack on update, and block-wise dequantize, in one kernel each."""
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -130,6 +132,14 @@ def _dequantize_kernel(
              mask=tmask[:, None] & dmask[None, :])
 
 
+def on_device(device: torch.device):
+    """Context that makes `device` current for a launch: Triton launches on the current CUDA device,
+    and with `device_map` a layer's tensors may live on another GPU than the current one."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 def _check_planes(codes, norms, quantizer):
     if codes.dtype != torch.uint8 or codes.dim() != 4 or codes.stride(-1) != 1:
         raise ValueError("codes must be a uint8 [B, H, C, row_bytes] tensor with contiguous rows")
@@ -150,14 +160,15 @@ def quantize_pack(x, quantizer, codes, norms, offset, mean=None, block_t=16):
         return
     rot, cent, bnd = quantizer.tensors(x.device)
     grid = (B * H, triton.cdiv(T, block_t))
-    _quantize_pack_kernel[grid](
-        x, mean if mean is not None else rot, rot, bnd, cent, codes, norms,
-        H, T, offset,
-        *x.stride(), *codes.stride()[:3], *norms.stride(),
-        D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_T=block_t, BITS=quantizer.bits,
-        BLOCK_K=min(64, max(16, triton.next_power_of_2(D))),
-        HAS_MEAN=mean is not None, NORM_CORRECTION=quantizer.norm_correction,
-    )
+    with on_device(x.device):
+        _quantize_pack_kernel[grid](
+            x, mean if mean is not None else rot, rot, bnd, cent, codes, norms,
+            H, T, offset,
+            *x.stride(), *codes.stride()[:3], *norms.stride(),
+            D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_T=block_t, BITS=quantizer.bits,
+            BLOCK_K=min(64, max(16, triton.next_power_of_2(D))),
+            HAS_MEAN=mean is not None, NORM_CORRECTION=quantizer.norm_correction,
+        )
 
 
 def dequantize(codes, norms, quantizer, start, out, mean=None, block_t=32):
@@ -171,12 +182,13 @@ def dequantize(codes, norms, quantizer, start, out, mean=None, block_t=32):
         return out
     rot, cent, _ = quantizer.tensors(codes.device)
     grid = (B * H, triton.cdiv(T, block_t))
-    _dequantize_kernel[grid](
-        codes, norms, mean if mean is not None else rot, rot, cent, out,
-        H, T, start,
-        *codes.stride()[:3], *norms.stride(), *out.stride(),
-        D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_T=block_t, BITS=quantizer.bits,
-        BLOCK_K=min(64, max(16, triton.next_power_of_2(D))),
-        HAS_MEAN=mean is not None, IEEE=out.dtype == torch.float32,
-    )
+    with on_device(codes.device):
+        _dequantize_kernel[grid](
+            codes, norms, mean if mean is not None else rot, rot, cent, out,
+            H, T, start,
+            *codes.stride()[:3], *norms.stride(), *out.stride(),
+            D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_T=block_t, BITS=quantizer.bits,
+            BLOCK_K=min(64, max(16, triton.next_power_of_2(D))),
+            HAS_MEAN=mean is not None, IEEE=out.dtype == torch.float32,
+        )
     return out

@@ -567,3 +567,17 @@ def test_repr_and_nbytes_of_mixed_layers():
     assert cache.dense_nbytes() == 2 * dense_layer
     assert cache.layers[0].keys.numel() * 2 * 2 == dense_layer  # the skipped layer holds bf16 K/V
     assert dense_layer < cache.nbytes() < 2 * dense_layer
+
+
+def test_workspace_is_keyed_per_device():
+    """One workspace per device (multi-GPU with device_map keeps one per GPU); 'cpu' and
+    torch.device('cpu') are the same key, and another device gets its own buffers."""
+    from tq_hf.workspace import get_workspace, workspaces
+
+    cpu = get_workspace("cpu")
+    assert get_workspace(torch.device("cpu")) is cpu
+    meta = get_workspace("meta")
+    assert meta is not cpu and meta.device.type == "meta"
+    buf = meta.get("probe", (4, 8), torch.float32)
+    assert buf.device.type == "meta" and buf.shape == (4, 8)
+    assert set(workspaces()) >= {torch.device("cpu"), torch.device("meta")}
