@@ -431,8 +431,10 @@ def _load(model_path, dtype, device):
     return model, tok
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv=None, prog: str = "python -m tq_hf.evaluate") -> int:
+    """Command line (see `build_parser`); `python -m tq_hf eval` can call `main(argv, prog=...)`.
+    Prints the table, writes eval.json/eval.csv to --out; returns 0, or 2 for an unknown preset."""
+    args = build_parser(prog).parse_args(argv)
     presets = [p for p in args.presets.split(",") if p]
     bad = [p for p in presets if p not in PRESETS]
     if bad:
@@ -452,11 +454,13 @@ def main(argv=None) -> int:
                       passkey_trials=args.passkey_trials, seed=args.seed,
                       log=lambda m: print(m, file=sys.stderr, flush=True))
     result["settings"]["model"] = args.model or "tq_hf reference model"
-    result["settings"]["command"] = "python -m tq_hf.evaluate " + " ".join(sys.argv[1:] if argv is None else argv)
+    result["settings"]["command"] = f"{prog} " + " ".join(sys.argv[1:] if argv is None else argv)
     print(format_table(result))
     s = result["settings"]
-    print(f"\n{s['texts']} texts x {s['seq_len']} tokens, {s['scored_tokens']} scored decode steps; passkey "
-          f"{len(s['passkey_depths'])} depths x {s['passkey_trials']} trials per length; {s['wall_s']:.0f} s")
+    pk = (f"; passkey {len(s['passkey_depths'])} depths x {s['passkey_trials']} trials per length"
+          if s["passkey_lengths"] else "")
+    print(f"\n{s['texts']} texts x {s['seq_len']} tokens, {s['scored_tokens']} scored decode steps{pk}; "
+          f"{s['wall_s']:.0f} s")
     jpath, cpath = save_results(result, args.out)
     print(f"saved {jpath} and {cpath}")
     return 0
