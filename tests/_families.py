@@ -11,26 +11,8 @@ from __future__ import annotations
 
 import torch
 import transformers
-from conftest import BOS, EOS, PAD, VOCAB
+from conftest import PAD, _base
 from transformers import AutoModelForCausalLM
-
-
-def _base(**kw):
-    base = {
-        "vocab_size": VOCAB,
-        "hidden_size": 128,
-        "intermediate_size": 256,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 512,
-        "pad_token_id": PAD,
-        "bos_token_id": BOS,
-        "eos_token_id": EOS,
-        "tie_word_embeddings": False,
-    }
-    base.update(kw)
-    return base
 
 
 def _cfg(name, **kw):

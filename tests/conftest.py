@@ -129,3 +129,19 @@ def greedy_kwargs(n: int) -> dict:
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def model_of(models):
+    """`get(family, attn)`: the test module's shared model of `family` (from its `models` fixture)
+    switched to attention `attn`; every model gets its original attention back afterwards."""
+    original = {f: m.config._attn_implementation for f, m in models.items()}
+
+    def get(family, attn):
+        m = models[family]
+        m.set_attn_implementation(attn)
+        return m
+
+    yield get
+    for f, m in models.items():
+        m.set_attn_implementation(original[f])

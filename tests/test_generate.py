@@ -49,18 +49,6 @@ def models():
     return {f: make_model(f, reference_attn(f), seed=EXACT_SEEDS[f]) for f in FAMILIES}
 
 
-@pytest.fixture
-def model_of(models):
-    def get(family, attn):
-        m = models[family]
-        m.set_attn_implementation(attn)
-        return m
-
-    yield get
-    for f, m in models.items():
-        m.set_attn_implementation(reference_attn(f))
-
-
 def attns(family):
     return (reference_attn(family), "turboquant")
 

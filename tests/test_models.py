@@ -37,18 +37,6 @@ def models():
     return {f: family_model(f) for f in NAMES}
 
 
-@pytest.fixture
-def model_of(models):
-    def get(family, attn):
-        m = models[family]
-        m.set_attn_implementation(attn)
-        return m
-
-    yield get
-    for f, m in models.items():
-        m.set_attn_implementation(reference_attn(f))
-
-
 def _generate(model, ids, mask, cache, n=N_NEW, **kw):
     return model.generate(ids, attention_mask=mask, **greedy_kwargs(n), **cache_kw(cache),
                           output_logits=True, return_dict_in_generate=True, **kw)
