@@ -33,14 +33,17 @@ def _dot(a, b, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _online_softmax_step(s, v, m, l, acc, DOT_PRECISION: tl.constexpr):
-    """Fold scores `s` [BLOCK_G, BLOCK_N] (masked = -inf) and values `v` [BLOCK_N, BLOCK_D] into the
-    running max `m`, denominator `l` [BLOCK_G] and accumulator `acc` [BLOCK_G, BLOCK_D]."""
+def _online_softmax_step(s, v, m, l, acc, DOT_PRECISION: tl.constexpr, v_scale=None):
+    """Fold scores `s` [BLOCK_G, BLOCK_N] (masked = -inf) and values `v` [BLOCK_N, BLOCK_D] (times
+    `v_scale` [BLOCK_N] if given) into the running max `m`, denominator `l` [BLOCK_G] and
+    accumulator `acc` [BLOCK_G, BLOCK_D]."""
     m_new = tl.maximum(m, tl.max(s, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp(m - m_safe)
     p = tl.exp(s - m_safe[:, None])
     l = l * alpha + tl.sum(p, axis=1)
+    if v_scale is not None:
+        p = p * v_scale[None, :]
     pv = _dot(p, v, DOT_PRECISION)
     return m_new, l, acc * alpha[:, None] + pv
 
@@ -116,8 +119,9 @@ def _decode_stage1_kernel(
         for n0 in range(start, end, BLOCK_N):
             n = n0 + n_off
             nmask = n < end
-            kcode = load_code_rows(kc_base, n * skct, nmask, D, BLOCK_D, KBITS)
-            kc = tl.where(dmask[None, :], tl.load(CentK + kcode), 0.0)
+            kc = tl.load(CentK + load_code_rows(kc_base, n * skct, nmask, D, BLOCK_D, KBITS))
+            if D != BLOCK_D:
+                kc = tl.where(dmask[None, :], kc, 0.0)
             s = _dot(q_rot, tl.trans(kc), DOT_PRECISION)
             kn = tl.load(kn_base + n * sknt, mask=nmask, other=0.0)
             s = s * kn[None, :] + q_mean[:, None]
@@ -127,10 +131,12 @@ def _decode_stage1_kernel(
             if HAS_MASK:
                 keep &= tl.load(mask_base + n * smk, mask=nmask, other=0) != 0
             s = tl.where(keep[None, :], s, float("-inf"))
-            vcode = load_code_rows(vc_base, n * svct, nmask, D, BLOCK_D, VBITS)
+            v = tl.load(CentV + load_code_rows(vc_base, n * svct, nmask, D, BLOCK_D, VBITS))
+            if D != BLOCK_D:
+                v = tl.where(dmask[None, :], v, 0.0)
             vn = tl.load(vn_base + n * svnt, mask=nmask, other=0.0)
-            v = tl.where(dmask[None, :], tl.load(CentV + vcode), 0.0) * vn[:, None]
-            m, l, acc = _online_softmax_step(s, v, m, l, acc, DOT_PRECISION)
+            # the value norms scale the probabilities ([G, N]) rather than the value tile ([N, D])
+            m, l, acc = _online_softmax_step(s, v, m, l, acc, DOT_PRECISION, vn)
     else:
         for n0 in range(0, n_window, BLOCK_N):
             n = n0 + n_off
@@ -215,20 +221,21 @@ def _num_sms(device) -> int:
 
 def plan_splits(n_quant: int, programs_per_split: int, num_sms: int, block_n: int,
                 num_splits: int | None = None) -> tuple[int, int]:
-    """(number of quantized splits S, tokens per split). Enough splits to give each SM about two
-    programs, never a split shorter than one tile; `num_splits` forces S (tests)."""
+    """(number of quantized splits S, tokens per split). As many splits as keep the grid within one
+    wave of about two programs per SM (a second, partly filled wave would idle most SMs at its end),
+    never a split shorter than one tile; `num_splits` forces S (tests)."""
     if n_quant == 0:
         return 0, block_n
     tiles = triton.cdiv(n_quant, block_n)
     if num_splits is None:
-        num_splits = triton.cdiv(2 * num_sms, programs_per_split)
+        num_splits = (2 * num_sms) // programs_per_split
     num_splits = max(1, min(num_splits, tiles))
     chunk = triton.cdiv(tiles, num_splits) * block_n
     return triton.cdiv(n_quant, chunk), chunk
 
 
 def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_splits=None,
-                     block_n=64, num_warps=8, num_stages=1, precision=None):
+                     block_n=64, num_warps=8, num_stages=1, precision=None, maxnreg=None):
     """Decode attention of one query token over every position cached in `layer`.
 
     Args:
@@ -241,6 +248,10 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
             accumulation for bf16 (finer than bf16; 2.4x faster than tf32x3 on an H200; values must
             stay within fp16's range, |v| < 65504, as they do in practice).
         block_n: tokens per tile, >= 32 (16-token tiles gave wrong results on an H200 with Triton 3.6).
+        num_warps, num_stages, maxnreg: stage 1's launch options. maxnreg caps its registers per thread;
+            by default 128 for D <= 128, which lets two 8-warp programs share an SM (uncapped it takes
+            138 at D = 128 with Triton 3.9; the cap costs 8 bytes of stack) and was 4-10 % faster on
+            an H200. Larger D would spill under the cap, so it stays uncapped there.
     Returns:
         `[B, 1, Hq, D]` in query's dtype.
     """
@@ -283,6 +294,8 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
     if block_n < 32 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two >= 32, got {block_n}")
     BLOCK_G = max(16, triton.next_power_of_2(G))
+    if maxnreg is None and BLOCK_D <= 128 and num_warps == 8:
+        maxnreg = 128
     with on_device(query.device):
         _decode_stage1_kernel[(B * Hkv, S + 1)](
             query, kc, kn, vc, vn, kmean, rot_k, cent_k, cent_v, kw, vw, mask_u8, mid_o, mid_l,
@@ -298,6 +311,7 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
             G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D, BLOCK_N=block_n, BLOCK_K=min(BLOCK_D, 64),
             KBITS=kq.bits, VBITS=vq.bits, HAS_MASK=mask is not None, HAS_SOFTCAP=bool(softcap),
             DOT_PRECISION=precision, num_warps=num_warps, num_stages=num_stages,
+            **({"maxnreg": maxnreg} if maxnreg else {}),
         )
         _decode_stage2_kernel[(B * Hkv,)](
             mid_o, mid_l, rot_v, out,
