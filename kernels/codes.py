@@ -67,19 +67,35 @@ def load_code_rows(
 ):
     """Whole rows of codes `[BLOCK_N, BLOCK_D]` int32.
 
-    For 4- and 8-bit codes and a power-of-two D, a row is read as contiguous bytes (16-byte
-    vector loads) and the two nibbles of each byte are put back in order with `tl.interleave`
-    (one vector load per 16 bytes instead of one load per code). Other widths use `load_codes`' gathers:
-    the same idea extends to 1 and 2 bits (nested interleaves), but that variant has not been
-    checked on a GPU yet, so it is not enabled."""
-    if (BITS == 4 or BITS == 8) and (D == BLOCK_D):
-        ROW_BYTES: tl.constexpr = D * BITS // 8
-        j = tl.arange(0, ROW_BYTES)
-        b = tl.load(base + row_off[:, None] + j[None, :], mask=row_mask[:, None], other=0).to(tl.int32)
-        if BITS == 8:
-            codes = b
-        else:
-            codes = tl.interleave(b & 15, b >> 4)
+    At a power-of-two D, rows are read whole instead of by per-code gathers: 8-bit rows as
+    contiguous bytes (16-byte vector loads), and for BITS <= 4 each group of 8 codes (BITS bytes)
+    at once, split with shifts (`load_code_groups`). Other D use `load_codes`' gathers."""
+    if (BITS == 8) and (D == BLOCK_D):
+        j = tl.arange(0, D)
+        codes = tl.load(base + row_off[:, None] + j[None, :], mask=row_mask[:, None], other=0).to(tl.int32)
+    elif (BITS <= 4) and (D == BLOCK_D):
+        codes = load_code_groups(base, row_off, row_mask, D, BITS)
     else:
         codes = load_codes(base, row_off, row_mask, tl.arange(0, BLOCK_D), D, BITS)
     return codes
+
+
+@triton.jit
+def load_code_groups(base, row_off, row_mask, D: tl.constexpr, BITS: tl.constexpr):
+    """Whole rows of codes `[BLOCK_N, D]` int32 for BITS <= 4 (D a multiple of 8): code 8g + j is
+    bits [j*BITS, (j+1)*BITS) of the little-endian word made of bytes [g*BITS, (g+1)*BITS).
+    4-bit groups are one aligned 32-bit load (rows are D/2 bytes, a multiple of 4); other widths
+    take BITS byte loads per group."""
+    NG: tl.constexpr = D // 8
+    grp = tl.arange(0, NG)
+    ptr = base + row_off[:, None] + grp[None, :] * BITS
+    if BITS == 4:
+        word = tl.load(ptr.to(tl.pointer_type(tl.int32)), mask=row_mask[:, None], other=0)
+    else:
+        word = tl.zeros([row_off.shape[0], NG], tl.int32)
+        for m in tl.static_range(BITS):
+            word |= tl.load(ptr + m, mask=row_mask[:, None], other=0).to(tl.int32) << (8 * m)
+    j = tl.arange(0, 8)
+    # logical shift: a 4-bit group's top code sits in the sign bit of the int32 word
+    codes = (word[:, :, None].to(tl.uint32, bitcast=True) >> (BITS * j)[None, None, :]) & ((1 << BITS) - 1)
+    return tl.reshape(codes.to(tl.int32, bitcast=True), (row_off.shape[0], D))

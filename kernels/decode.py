@@ -221,14 +221,14 @@ def _num_sms(device) -> int:
 
 def plan_splits(n_quant: int, programs_per_split: int, num_sms: int, block_n: int,
                 num_splits: int | None = None) -> tuple[int, int]:
-    """(number of quantized splits S, tokens per split). As many splits as keep the grid within one
-    wave of about two programs per SM (a second, partly filled wave would idle most SMs at its end),
-    never a split shorter than one tile; `num_splits` forces S (tests)."""
+    """(number of quantized splits S, tokens per split). About four programs per SM, rounded down so
+    that the grid fills whole waves of the two programs an SM holds at once (a last, partly filled wave
+    idles most SMs), never a split shorter than one tile; `num_splits` forces S (tests)."""
     if n_quant == 0:
         return 0, block_n
     tiles = triton.cdiv(n_quant, block_n)
     if num_splits is None:
-        num_splits = (2 * num_sms) // programs_per_split
+        num_splits = (4 * num_sms) // programs_per_split
     num_splits = max(1, min(num_splits, tiles))
     chunk = triton.cdiv(tiles, num_splits) * block_n
     return triton.cdiv(n_quant, chunk), chunk

@@ -196,6 +196,16 @@ def test_decode_softcap_and_bits(request, dtype):
         _check_decode(q, layer, None, 20.0, None)
 
 
+@pytest.mark.skipif(not CUDA, reason="long contexts run on the GPU only")
+@pytest.mark.parametrize("kb,vb", [(3, 3), (4, 3), (2, 2)])
+def test_decode_low_bits_long_context(request, kb, vb):
+    """The grouped (BITS <= 4, not 4) code reader over many tiles and splits."""
+    _seed(request)
+    layer = _make_layer(2, 8, 128, 8191, 64, torch.bfloat16, key_bits=kb, value_bits=vb)
+    q = torch.randn(2, 32, 1, 128, dtype=torch.bfloat16, device=DEV)
+    _check_decode(q, layer, None, None, None)
+
+
 def test_decode_window_only_and_deterministic(request):
     _seed(request)
     layer = _make_layer(2, 2, 64, 5, 16, torch.bfloat16, decode_steps=1)  # everything in the window
