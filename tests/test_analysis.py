@@ -280,7 +280,7 @@ def test_preset_table_matches_readme():
     rows = {r["preset"]: r for r in analysis.preset_table(128)}
     assert set(rows) == set(PRESETS)
     assert {n: r["bytes_per_token_head"] for n, r in rows.items()} == {
-        "4bit": 136, "k4v3": 120, "3bit": 104, "k3v2": 88, "8bit": 264}
+        "4bit": 136, "k4v3": 120, "3bit": 104, "k3v2": 88, "8bit": 264, "2.5bit": 96, "3.5bit": 128}
     assert rows["4bit"]["vs_bf16"] == pytest.approx(512 / 136)
     assert rows["k3v2"]["skip_layers"] == (0, 1, -2, -1)
 

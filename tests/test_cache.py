@@ -402,9 +402,11 @@ def test_something_is_actually_packed(preset):
     layer = cache.layers[0]
     cfg = cache.config
     assert layer.k_codes.dtype == torch.uint8 and layer.v_codes.dtype == torch.uint8
-    assert layer.k_codes.shape == (B, H, layer.capacity, D * cfg.key_bits // 8)
-    assert layer.v_codes.shape == (B, H, layer.capacity, D * cfg.value_bits // 8)
-    assert layer.k_norms.dtype == torch.float32 and layer.k_norms.shape == (B, H, layer.capacity)
+    n_out = D // 2 if cfg.outlier_fraction else 0  # split codes: that many channels get one more bit
+    assert layer.k_codes.shape == (B, H, layer.capacity, (D * cfg.key_bits + n_out) // 8)
+    assert layer.v_codes.shape == (B, H, layer.capacity, (D * cfg.value_bits + n_out) // 8)
+    norms = (B, H, layer.capacity) + ((2,) if cfg.outlier_fraction else ())
+    assert layer.k_norms.dtype == torch.float32 and layer.k_norms.shape == norms
     assert layer.capacity >= 16
     # No full-precision copy is kept for quantized tokens.
     assert layer.n_window == 0 and layer.keys is None
@@ -445,11 +447,14 @@ def test_bytes_per_token_per_head(d):
         codes_norms = sum(getattr(layer, n)[:, :, :T].numel() * getattr(layer, n).element_size()
                           for n in ("k_codes", "k_norms", "v_codes", "v_norms"))
         per_token = codes_norms / T
-        ideal = d * (cfg.key_bits + cfg.value_bits) / 8 + 2 * 4  # packed bits + two fp32 norms
+        # packed bits + one fp32 norm per vector; split presets: half the channels 1 bit more, 2 norms
+        extra_bits, norms = (d, 4) if cfg.outlier_fraction else (0, 2)
+        ideal = (d * (cfg.key_bits + cfg.value_bits) + extra_bits) / 8 + norms * 4
         print(f"  {name:>5} d={d}: {per_token:.1f} B/token/head (ideal {ideal:.1f}, bf16 {4 * d}), "
               f"all buffers {cache.nbytes() / T:.1f} B/token/head")
         assert per_token == ideal  # 3 bits cost 3 bits
-        assert cache.nbytes() / T <= ideal * 1.1 + 2 * cfg.residual_length * d * 2 / T + 4 * d / T
+        # + window, key mean, and the split presets' channel orders (2 x d int64)
+        assert cache.nbytes() / T <= ideal * 1.1 + 2 * cfg.residual_length * d * 2 / T + 4 * d / T + 16 * d / T
 
 
 # ------------------------------------------------------------------ validation

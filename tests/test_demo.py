@@ -37,7 +37,7 @@ def test_demo_local_checkpoint(capsys, tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("--preset", "5bit"), "unknown preset '5bit'; valid presets: 3bit, 4bit, 8bit, k3v2, k4v3"),
+        (("--preset", "5bit"), "unknown preset '5bit'; valid presets: 2.5bit, 3.5bit, 3bit, 4bit, 8bit, k3v2, k4v3"),
         (("--max-new-tokens", "0"), "--max-new-tokens must be >= 1"),
         (("--model", "/nonexistent/checkpoint"), "--model '/nonexistent/checkpoint' does not exist"),
     ],

@@ -31,7 +31,7 @@ def layer_of(**kw):
 @pytest.mark.parametrize(
     "args, kwargs, exc, match",
     [
-        (("5bit",), {}, ValueError, r"unknown preset '5bit'; valid presets are \['3bit', '4bit', '8bit', 'k3v2', 'k4v3'\]"),
+        (("5bit",), {}, ValueError, r"unknown preset '5bit'; valid presets are \['2.5bit', '3.5bit', '3bit', '4bit', '8bit', 'k3v2', 'k4v3'\]"),
         ((), {"key_bits": 0}, ValueError, r"key_bits=0 is not supported; valid values are \[1, 2, 3, 4, 5, 6, 7, 8\]"),
         ((), {"value_bits": 9}, ValueError, r"value_bits=9 .*valid values are \[1, 2, 3, 4, 5, 6, 7, 8\]"),
         ((), {"key_bits": 3.5}, ValueError, r"key_bits=3.5 .*valid values"),

@@ -26,8 +26,8 @@ import warnings
 
 import torch
 
-from .cache import TurboQuantCache, TurboQuantLayer
-from .codec import TurboQuantizer, packed_row_bytes
+from .cache import TurboQuantCache, TurboQuantLayer, make_quantizers
+from .codec import TurboQuantizer
 from .config import PRESETS, TurboQuantConfig
 
 __all__ = [
@@ -611,13 +611,14 @@ def logit_agreement(model, input_ids: torch.Tensor, presets=tuple(PRESETS), n_st
 # ==================================================================================== memory, speed
 def preset_table(head_dim: int = 128, presets=tuple(PRESETS)) -> list[dict]:
     """Steady-state bytes per token and KV head of each preset, from the codec's storage layout
-    (packed codes of `head_dim * bits / 8` bytes plus one fp32 norm, for K and V), against the 512 B
-    (at head_dim 128) of a bf16 cache. Layers in `skip_layers` are not counted."""
+    (packed codes plus one fp32 norm per vector, two for split presets, for K and V), against the
+    512 B (at head_dim 128) of a bf16 cache. Layers in `skip_layers` are not counted."""
     rows = []
     dense = 2 * head_dim * 2
     for name in presets:
         cfg = _as_config(name)
-        per = packed_row_bytes(head_dim, cfg.key_bits) + packed_row_bytes(head_dim, cfg.value_bits) + 2 * 4
+        kq, vq = make_quantizers(cfg, head_dim)
+        per = kq.vector_bytes + vq.vector_bytes
         rows.append({
             "preset": name, "key_bits": cfg.key_bits, "value_bits": cfg.value_bits,
             "residual_length": cfg.residual_length, "skip_layers": cfg.skip_layers,
@@ -690,9 +691,8 @@ def cache_memory(model_config, presets=tuple(PRESETS), contexts=(256, 1024, 4096
             ideal = 0
             for layer in cache.layers:
                 if isinstance(layer, TurboQuantLayer):
-                    per = (packed_row_bytes(head_dim, layer.config.key_bits)
-                           + packed_row_bytes(head_dim, layer.config.value_bits) + 8)
-                    ideal += batch * kv_heads * per
+                    kq, vq = make_quantizers(layer.config, head_dim)  # layers not filled here have none yet
+                    ideal += batch * kv_heads * (kq.vector_bytes + vq.vector_bytes)
                 else:
                     window = getattr(layer, "sliding_window", None) or ctx
                     ideal += batch * kv_heads * 2 * head_dim * esize * min(ctx, window) / ctx

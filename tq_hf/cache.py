@@ -7,6 +7,10 @@ Per layer, structure-of-arrays storage (B batch, H kv heads, D head dim, C capac
     k_win, v_win [B, H, R, D]  model dtype: the newest tokens, exact (R = residual_length)
     k_mean [H, D] fp32                 channel mean removed from keys before quantizing
 
+With `outlier_fraction > 0` (the 2.5bit / 3.5bit presets) a code row holds two sets of codes
+(outlier channels, then the others), the norms planes get a trailing dim of 2, and
+`k_perm`, `v_perm` [H, D] int64 give each head's channel order (outliers first).
+
 Positions [0, n_quant) live in the codes, [n_quant, n_quant + n_window) in the window. The
 capacity C grows geometrically; tokens are written in place (no per-step `torch.cat`).
 
@@ -35,7 +39,7 @@ from transformers.cache_utils import (
 )
 from transformers.utils import logging
 
-from .codec import TurboQuantizer, pack_codes, packed_row_bytes
+from .codec import SplitQuantizer, TurboQuantizer, outlier_channel_count, pack_codes
 from .config import DEFAULT_PRESET, TurboQuantConfig
 
 logger = logging.get_logger(__name__)
@@ -66,6 +70,28 @@ def _exponent(amax: torch.Tensor) -> torch.Tensor:
     return torch.frexp(amax).exponent.clamp_(-125, 125)
 
 
+def make_quantizers(config: TurboQuantConfig, head_dim: int):
+    """(key quantizer, value quantizer) of a layer of `head_dim`: `TurboQuantizer`s, or
+    `SplitQuantizer`s when `config.outlier_fraction` > 0. Raises ValueError for unsupported dims."""
+    cfg = config
+    if cfg.outlier_fraction:
+        n_out = outlier_channel_count(head_dim, cfg.outlier_fraction)
+        return (SplitQuantizer(head_dim, n_out, cfg.key_bits, cfg.seed, cfg.norm_correction),
+                SplitQuantizer(head_dim, n_out, cfg.value_bits, cfg.seed + 2, cfg.norm_correction))
+    return (TurboQuantizer(head_dim, cfg.key_bits, cfg.seed, cfg.norm_correction),
+            TurboQuantizer(head_dim, cfg.value_bits, cfg.seed + 1, cfg.norm_correction))
+
+
+def _outliers_first(x: torch.Tensor, n_outlier: int) -> torch.Tensor:
+    """Per head, the channel order `[H, D]` (int64) with the `n_outlier` channels of largest mean
+    square over `x` `[B, H, T, D]` first; each set in ascending channel order."""
+    energy = x.square().mean(dim=(0, 2))
+    top = energy.topk(n_outlier, dim=-1).indices
+    is_out = torch.zeros_like(energy, dtype=torch.bool).scatter_(-1, top, True)
+    # a stable sort on "not an outlier" keeps each set in channel order
+    return (~is_out).to(torch.int8).argsort(dim=-1, stable=True)
+
+
 def tagged_layer(t: torch.Tensor):
     """The `TurboQuantLayer` that returned `t` from `update`, or None."""
     return getattr(t, "_tq_layer", None)
@@ -92,6 +118,7 @@ class TurboQuantLayer(CacheLayerMixin):
         self.last_update_len = 0
         self.k_codes = self.k_norms = self.v_codes = self.v_norms = None
         self.k_win = self.v_win = self.k_mean = None
+        self.k_perm = self.v_perm = None
         self.keys = self.values = None
         self.is_initialized = False
 
@@ -112,10 +139,10 @@ class TurboQuantLayer(CacheLayerMixin):
         cfg = self.config
         self.batch_size, self.num_heads, _, self.head_dim = key_states.shape
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.backend = _resolve_backend(cfg.backend, self.device)
+        # Split codes (outlier channels) have no Triton kernel yet: they run on the reference path.
+        self.backend = "torch" if cfg.outlier_fraction else _resolve_backend(cfg.backend, self.device)
         try:
-            self.key_quantizer = TurboQuantizer(self.head_dim, cfg.key_bits, cfg.seed, cfg.norm_correction)
-            self.value_quantizer = TurboQuantizer(self.head_dim, cfg.value_bits, cfg.seed + 1, cfg.norm_correction)
+            self.key_quantizer, self.value_quantizer = make_quantizers(cfg, self.head_dim)
         except ValueError as e:
             raise ValueError(
                 f"layer {self.layer_idx}: TurboQuantCache cannot quantize head_dim={self.head_dim}: {e}"
@@ -163,13 +190,14 @@ class TurboQuantLayer(CacheLayerMixin):
             return
         cap = max(needed, int(self.capacity * _GROWTH))
         cap = -(-cap // _ALIGN) * _ALIGN if self.capacity else needed
-        B, H, D = self.batch_size, self.num_heads, self.head_dim
-        kb, vb = packed_row_bytes(D, self.config.key_bits), packed_row_bytes(D, self.config.value_bits)
+        B, H = self.batch_size, self.num_heads
+        kb, vb = self.key_quantizer.row_bytes, self.value_quantizer.row_bytes
+        norms = (B, H, cap) + ((2,) if self.config.outlier_fraction else ())  # split codes: 2 norms per vector
         new = {
             "k_codes": torch.empty(B, H, cap, kb, dtype=torch.uint8, device=self.device),
             "v_codes": torch.empty(B, H, cap, vb, dtype=torch.uint8, device=self.device),
-            "k_norms": torch.empty(B, H, cap, dtype=torch.float32, device=self.device),
-            "v_norms": torch.empty(B, H, cap, dtype=torch.float32, device=self.device),
+            "k_norms": torch.empty(norms, dtype=torch.float32, device=self.device),
+            "v_norms": torch.empty(norms, dtype=torch.float32, device=self.device),
         }
         for name, buf in new.items():
             old = getattr(self, name)
@@ -192,6 +220,9 @@ class TurboQuantLayer(CacheLayerMixin):
                 self.k_mean = torch.ldexp(torch.ldexp(kf, -e).mean(dim=(0, 2)), e)
             else:
                 self.k_mean = torch.zeros(self.num_heads, self.head_dim, device=self.device)
+        if self.config.outlier_fraction and self.k_perm is None:
+            self.k_perm = _outliers_first(k.float() - self.k_mean[None, :, None, :], self.key_quantizer.n_outlier)
+            self.v_perm = _outliers_first(v.float(), self.value_quantizer.n_outlier)
         self._reserve(self.n_quant + T)
         s = slice(self.n_quant, self.n_quant + T)
         if self.backend == "triton":
@@ -200,18 +231,25 @@ class TurboQuantLayer(CacheLayerMixin):
             quantize_pack(k, self.key_quantizer, self.k_codes, self.k_norms, self.n_quant, mean=self.k_mean)
             quantize_pack(v, self.value_quantizer, self.v_codes, self.v_norms, self.n_quant)
         else:
-            for x, qz, codes, norms, mean in (
-                (k, self.key_quantizer, self.k_codes, self.k_norms, self.k_mean),
-                (v, self.value_quantizer, self.v_codes, self.v_norms, None),
+            for x, qz, codes, norms, mean, perm in (
+                (k, self.key_quantizer, self.k_codes, self.k_norms, self.k_mean, self.k_perm),
+                (v, self.value_quantizer, self.v_codes, self.v_norms, None, self.v_perm),
             ):
                 x = x.float() - mean[None, :, None, :] if mean is not None else x.float()
+                if perm is not None:
+                    x = x.gather(-1, perm[None, :, None, :].expand(x.shape))
                 # ||x|| in fp32 overflows once |x_i| passes ~1e19 (and underflows below ~1e-19). Scaling
                 # each vector by a power of two first is exact: ordinary vectors get the same codes and
                 # norm bits, huge and tiny ones stay finite.
                 e = _exponent(x.abs().amax(dim=-1, keepdim=True))
-                idx, n = qz.indices(torch.ldexp(x, -e))
-                codes[:, :, s] = pack_codes(idx, qz.bits)
-                norms[:, :, s] = torch.ldexp(n, e.squeeze(-1))
+                if perm is None:
+                    idx, n = qz.indices(torch.ldexp(x, -e))
+                    codes[:, :, s] = pack_codes(idx, qz.bits)
+                    norms[:, :, s] = torch.ldexp(n, e.squeeze(-1))
+                else:
+                    q = qz.quantize(torch.ldexp(x, -e))
+                    codes[:, :, s] = q["codes"]
+                    norms[:, :, s] = torch.ldexp(q["norms"], e)
         self.n_quant += T
 
     def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -306,12 +344,15 @@ class TurboQuantLayer(CacheLayerMixin):
                 dequantize(self.v_codes, self.v_norms, self.value_quantizer, start, v_out[:, :, :n])
             else:
                 s = slice(start, q_end)
-                k_out[:, :, :n] = self.key_quantizer.dequantize(
-                    {"codes": self.k_codes[:, :, s], "norms": self.k_norms[:, :, s], "dtype": torch.float32}
-                ).add_(self.k_mean[None, :, None, :])
-                v_out[:, :, :n] = self.value_quantizer.dequantize(
-                    {"codes": self.v_codes[:, :, s], "norms": self.v_norms[:, :, s], "dtype": torch.float32}
-                )
+                k = self.key_quantizer.dequantize(
+                    {"codes": self.k_codes[:, :, s], "norms": self.k_norms[:, :, s], "dtype": torch.float32})
+                v = self.value_quantizer.dequantize(
+                    {"codes": self.v_codes[:, :, s], "norms": self.v_norms[:, :, s], "dtype": torch.float32})
+                if self.k_perm is not None:  # back from outliers-first to the model's channel order
+                    k = torch.empty_like(k).scatter_(-1, self.k_perm[None, :, None, :].expand(k.shape), k)
+                    v = torch.empty_like(v).scatter_(-1, self.v_perm[None, :, None, :].expand(v.shape), v)
+                k_out[:, :, :n] = k.add_(self.k_mean[None, :, None, :])
+                v_out[:, :, :n] = v
         w0, w1 = max(start, self.n_quant) - self.n_quant, end - self.n_quant
         if w1 > w0:
             k_out[:, :, w0 + self.n_quant - start :] = self.k_win[:, :, w0:w1]
@@ -384,7 +425,7 @@ class TurboQuantLayer(CacheLayerMixin):
 
     def nbytes(self) -> int:
         """Bytes of every tensor this layer holds (allocated capacity included)."""
-        names = ("k_codes", "k_norms", "v_codes", "v_norms", "k_win", "v_win", "k_mean")
+        names = ("k_codes", "k_norms", "v_codes", "v_norms", "k_win", "v_win", "k_mean", "k_perm", "v_perm")
         return sum(t.numel() * t.element_size() for t in (getattr(self, n) for n in names) if t is not None)
 
     def dense_nbytes(self) -> int:

@@ -29,8 +29,10 @@ import torch
 
 __all__ = [
     "QUANTIZER_MODES",
+    "SplitQuantizer",
     "TurboQuantizer",
     "codebook",
+    "outlier_channel_count",
     "pack_codes",
     "packed_row_bytes",
     "qjl_matrix",
@@ -181,6 +183,8 @@ class TurboQuantizer:
         self.mode = mode
         # Bits of the Lloyd-Max codes: all of them for mse, one fewer for prod (the QJL bit).
         self.mse_bits = bits - 1 if mode == "prod" else bits
+        self.row_bytes = packed_row_bytes(dim, self.mse_bits)  # bytes of one vector's (mse) codes
+        self.vector_bytes = self.row_bytes + 4  # stored per vector: codes and one fp32 norm
         self._per_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._qjl_per_device: dict[torch.device, torch.Tensor] = {}
 
@@ -268,3 +272,61 @@ class TurboQuantizer:
             sq = qf @ self.qjl_tensor(q["codes"].device).T
             est = est + q["residual_norms"] * (math.sqrt(math.pi / 2) / self.dim) * (sq * signs).sum(-1)
         return est
+
+
+def outlier_channel_count(dim: int, fraction: float) -> int:
+    """Channels of a `dim`-wide head that get the extra bit at `fraction` (a multiple of 8, so each
+    part's codes fill whole bytes, and at least 8 on each side)."""
+    n = 8 * round(dim * fraction / 8)
+    if not 8 <= n <= dim - 8:
+        raise ValueError(f"outlier_fraction={fraction} leaves {n} of {dim} channels as outliers; each set needs "
+                         "at least 8 channels")
+    return n
+
+
+class SplitQuantizer:
+    """The paper's mixed-precision scheme: the channels of a vector are split into an outlier set
+    and a normal set, and each set is quantized by its own `TurboQuantizer` (own rotation, own
+    codebook, own norm), the outlier set with one more bit.
+
+    The caller orders the channels, outliers first (`TurboQuantLayer` chooses them per layer and
+    KV head); this class sees `[..., dim]` vectors already in that order.
+
+    Args:
+        dim: vector dimension; n_outlier: size of the outlier set (see `outlier_channel_count`);
+        bits: bits of the normal set (the outlier set gets bits + 1, at most 8); seed, norm_correction:
+            as for `TurboQuantizer` (the normal set's rotation uses seed + 1).
+
+    `quantize(x)` returns `codes` (uint8 `[..., row_bytes]`: the outlier set's packed codes, then the
+    normal set's) and `norms` (fp32 `[..., 2]`: outlier, normal); `dequantize` inverts it.
+    At d = 128 with 64 outliers, bits 2 is 2.5 bits per coordinate of codes and bits 3 is 3.5
+    (32 outliers at bits 2 would be 2.25).
+    """
+
+    def __init__(self, dim: int, n_outlier: int, bits: int, seed: int = 0, norm_correction: bool = False):
+        if bits + 1 > 8:
+            raise ValueError(f"the outlier set takes bits + 1 <= 8 bits, got bits={bits}")
+        self.dim, self.n_outlier, self.bits = dim, n_outlier, bits
+        self.outlier = TurboQuantizer(n_outlier, bits + 1, seed, norm_correction)
+        self.normal = TurboQuantizer(dim - n_outlier, bits, seed + 1, norm_correction)
+        self.split_byte = packed_row_bytes(n_outlier, bits + 1)
+        self.row_bytes = self.split_byte + packed_row_bytes(dim - n_outlier, bits)
+        self.vector_bytes = self.row_bytes + 8  # stored per vector: codes and two fp32 norms
+        self.bits_per_coordinate = self.row_bytes * 8 / dim
+
+    def quantize(self, x: torch.Tensor) -> dict:
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"expected last dimension {self.dim}, got shape {tuple(x.shape)}")
+        a = self.outlier.quantize(x[..., : self.n_outlier])
+        b = self.normal.quantize(x[..., self.n_outlier :])
+        return {"codes": torch.cat([a["codes"], b["codes"]], -1), "norms": torch.stack([a["norms"], b["norms"]], -1),
+                "dtype": x.dtype}
+
+    def dequantize(self, q: dict) -> torch.Tensor:
+        """`[..., dim]` in the input's dtype, channels in the order they were given."""
+        parts = [
+            qz.dequantize({"codes": q["codes"][..., sl], "norms": q["norms"][..., i], "dtype": q["dtype"]})
+            for i, (qz, sl) in enumerate(((self.outlier, slice(None, self.split_byte)),
+                                          (self.normal, slice(self.split_byte, None))))
+        ]
+        return torch.cat(parts, -1)

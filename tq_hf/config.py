@@ -26,6 +26,12 @@ class TurboQuantConfig:
         skip_layers: indices of layers kept in full precision (negative counts from the end; they
             are resolved once the model's layer count is known).
         seed: seed of the random rotation and of nothing else.
+        outlier_fraction: the paper's mixed precision. 0 (default): every channel gets key_bits /
+            value_bits. Otherwise this fraction of each head's channels (rounded to a multiple of 8)
+            are outliers: the channels of largest mean square in the first quantized chunk, chosen
+            per layer and KV head, separately for keys (after mean-centring) and values. Outliers
+            and the other channels are quantized as two vectors (own rotation, codebook and norm),
+            the outliers with one more bit. Runs on the PyTorch path only (no Triton kernel yet).
         backend: "auto" (Triton on CUDA tensors, PyTorch reference elsewhere), "torch" or "triton".
     """
 
@@ -36,6 +42,7 @@ class TurboQuantConfig:
     norm_correction: bool = True
     skip_layers: tuple[int, ...] = ()
     seed: int = 0
+    outlier_fraction: float = 0.0
     backend: str = "auto"
 
     def __post_init__(self):
@@ -47,6 +54,16 @@ class TurboQuantConfig:
             self.residual_length < 0
         ):
             raise ValueError(f"residual_length must be an int >= 0, got {self.residual_length!r}")
+        if isinstance(self.outlier_fraction, bool) or not isinstance(self.outlier_fraction, (int, float)) or not (
+            0 <= self.outlier_fraction < 1
+        ):
+            raise ValueError(f"outlier_fraction must be a number in [0, 1), got {self.outlier_fraction!r}")
+        if self.outlier_fraction and max(self.key_bits, self.value_bits) == 8:
+            raise ValueError("outlier channels take one more bit than the others: key_bits and value_bits must be "
+                             "<= 7 with outlier_fraction > 0")
+        if self.outlier_fraction and self.backend == "triton":
+            raise ValueError("outlier_fraction > 0 (the 2.5bit / 3.5bit presets) runs on the PyTorch path only; "
+                             "the Triton kernels do not read split codes yet: use backend='auto' or 'torch'")
         if self.backend not in VALID_BACKENDS:
             raise ValueError(f"backend={self.backend!r} is not valid; choose one of {list(VALID_BACKENDS)}")
         if not all(isinstance(i, int) and not isinstance(i, bool) for i in self.skip_layers):
@@ -72,6 +89,13 @@ PRESETS: dict[str, TurboQuantConfig] = {
     "3bit": TurboQuantConfig(key_bits=3, value_bits=3),
     # Aggressive: protect the first and last two layers as vLLM does.
     "k3v2": TurboQuantConfig(key_bits=3, value_bits=2, skip_layers=(0, 1, -2, -1)),
+    # The paper's mixed precision (PyTorch path only): the half of each head's channels with the
+    # largest mean square at 3 bits, the other half at 2: 2.5 bits per coordinate of codes (64 x 3 +
+    # 64 x 2 at d=128), plus two fp32 norms per vector: 96 B per token and head.
+    "2.5bit": TurboQuantConfig(key_bits=2, value_bits=2, outlier_fraction=0.5),
+    # Half at 4 bits, half at 3: 3.5 bits per coordinate, 128 B per token and head (the second norm
+    # costs 8 B, so it is barely smaller than 4bit's 136 B).
+    "3.5bit": TurboQuantConfig(key_bits=3, value_bits=3, outlier_fraction=0.5),
     # Near-lossless reference point (2x compression).
     "8bit": TurboQuantConfig(key_bits=8, value_bits=8),
 }
