@@ -257,6 +257,9 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
     """
     B, Hq, L, D = query.shape
     Hkv = layer.num_heads
+    if layer.config.outlier_fraction:
+        raise ValueError("this layer holds split codes (outlier_fraction > 0), which the Triton kernels do not "
+                         "read yet; use tq_hf.attention.reference_attention")
     if L != 1:
         raise ValueError(f"decode_attention takes one query token, got {L}")
     if (B, D) != (layer.batch_size, layer.head_dim) or Hq % Hkv:

@@ -18,12 +18,18 @@ def run(capsys, *args):
 def test_demo_builtin_model(capsys):
     rc, out, err = run(capsys, "--max-new-tokens", "3", "--preset", "k4v3")
     assert rc == 0, err
-    assert "built-in tiny Llama" in out
+    assert "trained reference model" in out
     header = next(line for line in out.splitlines() if line.startswith("cache"))
     assert header.split() == ["cache", "bytes", "held", "vs", "dense", "tokens/s", "greedy", "agreement"]
     tq_row = next(line for line in out.splitlines() if line.startswith("TurboQuant k4v3"))
     assert "x" in tq_row and "tokens identical" in tq_row
     assert "DynamicCache:" in out and "TurboQuant:" in out
+
+
+def test_demo_random_weights(capsys):
+    rc, out, err = run(capsys, "--model", "random", "--max-new-tokens", "2")
+    assert rc == 0, err
+    assert "built-in tiny Llama (random weights, seed 0)" in out and "noise" in out
 
 
 def test_demo_local_checkpoint(capsys, tmp_path):

@@ -1,8 +1,9 @@
 """Command line of tq_hf: `python -m tq_hf demo [...]`.
 
 demo: generate one prompt greedily with `DynamicCache` and with `TurboQuantCache(preset)` and print
-cache bytes, compression, tokens/s, greedy agreement and both texts. Without `--model` it runs a
-built-in tiny Llama with random weights (no download); with `--model PATH` a local checkpoint.
+cache bytes, compression, tokens/s, greedy agreement and both texts. Without `--model` it runs the
+small trained reference model shipped with tq_hf (no download); `--model random` a tiny Llama with
+random weights; `--model PATH` a local checkpoint.
 """
 
 from __future__ import annotations
@@ -11,10 +12,13 @@ import argparse
 import sys
 import warnings
 
+# The reference model learned Python's standard library: a code prompt gives it something to continue.
 DEFAULT_PROMPT = (
-    "TurboQuant stores every key and value vector of the cache as one norm plus a few bits per "
-    "coordinate of its randomly rotated direction, so a long context fits in a fraction of the memory. "
-    "Here is a short story about it:"
+    "class Counter(dict):\n"
+    '    """Dict subclass for counting hashable items."""\n\n'
+    "    def __init__(self, iterable=None, /, **kwds):\n"
+    "        super().__init__()\n"
+    "        self."
 )
 
 
@@ -68,7 +72,8 @@ def demo(args) -> int:
     try:
         device = resolve_device(args.device)
         dtype = resolve_dtype(args.dtype, device)
-        model, tokenizer, name = load_model(args.model, device, dtype, seed=args.seed)
+        path = {None: "reference", "random": None}.get(args.model, args.model)
+        model, tokenizer, name = load_model(path, device, dtype, seed=args.seed)
     except ModelLoadError as e:
         # The library names the path "model path"; on the command line it is --model.
         raise UsageError(str(e).replace("model path", "--model", 1)) from None
@@ -147,8 +152,12 @@ def demo(args) -> int:
     else:
         print(f"\nno layer is quantized: preset {args.preset!r} keeps all {len(tq.layers)} layers in full precision")
     if args.model is None:
-        print("The built-in model has random weights: its text is noise and its logits are nearly tied, so greedy "
-              "agreement here says little about quality (use --model PATH for a real checkpoint).")
+        print("The built-in reference model is tiny (2.1M parameters, trained for minutes on Python's standard "
+              "library): it continues code plausibly but its next-byte choices are often near-ties, so a few "
+              "differing tokens are expected (use --model PATH for a real checkpoint).")
+    elif args.model == "random":
+        print("The random-weight model's text is noise and its logits are nearly tied, so greedy agreement here "
+              "says little about quality.")
     print(f"\nprompt:        {_printable(args.prompt)}")
     print(f"DynamicCache:  {_printable(tokenizer.decode(dense_ids, skip_special_tokens=True))}")
     print(f"TurboQuant:    {_printable(tokenizer.decode(tq_ids, skip_special_tokens=True))}")
@@ -163,10 +172,12 @@ def build_parser() -> argparse.ArgumentParser:
         "demo",
         help="generate with DynamicCache and TurboQuantCache and compare them",
         description="Generate one prompt greedily with DynamicCache and with TurboQuantCache(preset); print cache "
-        "bytes, compression, tokens/s, greedy agreement and the texts. Without --model a tiny random-weight "
-        "Llama is built locally (no download).",
+        "bytes, compression, tokens/s, greedy agreement and the texts. Without --model the small trained "
+        "reference model shipped with tq_hf runs (no download).",
     )
-    p.add_argument("--model", metavar="PATH", help="local checkpoint folder (config, weights, tokenizer)")
+    p.add_argument("--model", metavar="PATH",
+                   help="local checkpoint folder (config, weights, tokenizer), or 'random' for a tiny random-weight "
+                   "Llama (default: the shipped reference model)")
     p.add_argument("--preset", default="4bit", help="TurboQuant preset (default: 4bit; see tq_hf.PRESETS)")
     p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens to generate (default: 64)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: auto (cuda if present)")
@@ -175,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model dtype (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
                    help="TurboQuant backend (default: auto = Triton on CUDA, PyTorch reference elsewhere)")
-    p.add_argument("--seed", type=int, default=0, help="weight seed of the built-in model (default: 0)")
+    p.add_argument("--seed", type=int, default=0, help="weight seed of --model random (default: 0)")
     p.set_defaults(func=demo)
 
     from . import bench
