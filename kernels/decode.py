@@ -8,6 +8,12 @@ in the original space. Each split writes its normalised partial output and log-s
 Stage 2: one program per (batch, kv head) merges the splits, un-rotates the quantized part
 once (o = o_rot @ Pi_v + o_window) and writes the model dtype in the `[B, 1, Hq, D]` layout
 the model consumes, so no copy or cast kernel follows.
+
+Split codes (the 2.5bit / 3.5bit presets, SPLIT): a row holds an outlier set and a normal set of
+D/2 channels each, in the head's own channel order (KPerm / VPerm, outliers first), each with its
+own rotation (Pi is block-diagonal), codebook and norm. The query is permuted and rotated per set,
+scores add both sets' products, values accumulate per set, and stage 2 writes each output column
+back to its channel.
 """
 
 import torch
@@ -33,19 +39,52 @@ def _dot(a, b, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _online_softmax_step(s, v, m, l, acc, DOT_PRECISION: tl.constexpr, v_scale=None):
-    """Fold scores `s` [BLOCK_G, BLOCK_N] (masked = -inf) and values `v` [BLOCK_N, BLOCK_D] (times
-    `v_scale` [BLOCK_N] if given) into the running max `m`, denominator `l` [BLOCK_G] and
-    accumulator `acc` [BLOCK_G, BLOCK_D]."""
+def _softmax_update(s, m, l):
+    """Fold scores `s` [BLOCK_G, BLOCK_N] (masked = -inf) into the running max `m` and denominator `l`
+    [BLOCK_G]. Returns (m, l, alpha, p): accumulators are rescaled by alpha [BLOCK_G] and take p."""
     m_new = tl.maximum(m, tl.max(s, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp(m - m_safe)
     p = tl.exp(s - m_safe[:, None])
-    l = l * alpha + tl.sum(p, axis=1)
-    if v_scale is not None:
-        p = p * v_scale[None, :]
-    pv = _dot(p, v, DOT_PRECISION)
-    return m_new, l, acc * alpha[:, None] + pv
+    return m_new, l * alpha + tl.sum(p, axis=1), alpha, p
+
+
+@triton.jit
+def _finish_scores(s, keep, softcap, HAS_SOFTCAP: tl.constexpr):
+    if HAS_SOFTCAP:
+        s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)  # softcap * tanh(s / softcap)
+    return tl.where(keep[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _rotated_query(q_row, gmask, Perm, Rot, sqd, scale, OFF: tl.constexpr, N: tl.constexpr,
+                   BLOCK_G: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, D: tl.constexpr,
+                   HAS_PERM: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """The query rotated into an N-dim code space, [BLOCK_G, BLOCK]: (scale * q[:, c_k]) @ R.T with
+    R = Rot[OFF:OFF+N, OFF:OFF+N] and c_k = Perm[OFF + k] (HAS_PERM) or OFF + k. `q_row`: [BLOCK_G, 1]
+    pointers to the query rows. K-chunked so the Rot tile fits in shared memory at D = 256."""
+    o = tl.arange(0, BLOCK)
+    omask = o < N
+    acc = tl.zeros([BLOCK_G, BLOCK], tl.float32)
+    for k0 in tl.static_range(0, BLOCK, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        kmask = kk < N
+        if HAS_PERM:
+            ch = tl.load(Perm + OFF + kk, mask=kmask, other=0)
+        else:
+            ch = OFF + kk
+        qk = tl.load(q_row + ch[None, :] * sqd, mask=gmask[:, None] & kmask[None, :], other=0.0).to(tl.float32)
+        rot_t = tl.load(Rot + (OFF + o[None, :]) * D + OFF + kk[:, None], mask=kmask[:, None] & omask[None, :],
+                        other=0.0)
+        acc += _dot(qk * scale, rot_t, DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _store_partial(mid_row, col0: tl.constexpr, acc, l, gmask):
+    """Normalised partial output acc / l into columns [col0, col0 + acc's width) of the split's row."""
+    c = col0 + tl.arange(0, acc.shape[1])
+    tl.store(mid_row + c[None, :], acc / tl.where(l > 0, l, 1.0)[:, None], mask=gmask[:, None])
 
 
 @triton.jit
@@ -57,6 +96,8 @@ def _decode_stage1_kernel(
     Kmean,  # [Hkv, D] fp32
     RotK,  # [D, D] fp32
     CentK, CentV,  # [2**KBITS], [2**VBITS] fp32
+    CentK2, CentV2,  # split codes: the normal channels' centroids, [2**KBITS2], [2**VBITS2] (read if SPLIT)
+    KPerm,  # [Hkv, D] int64: channel order of the split key codes, outliers first (read if SPLIT)
     Kw, Vw,  # [B, Hkv, R, D] model dtype: the exact window
     Mask,  # [B, kv] uint8, 1 = attend (read if HAS_MASK)
     MidO,  # [B, Hq, S + 1, BLOCK_D] fp32
@@ -78,11 +119,16 @@ def _decode_stage1_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,  # rotation K-chunk
-    KBITS: tl.constexpr,
+    KBITS: tl.constexpr,  # split codes: of the outlier set
     VBITS: tl.constexpr,
     HAS_MASK: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # ieee for fp32 models; tf32x3 otherwise (plain tf32 is coarser than fp16)
+    SPLIT: tl.constexpr,  # split codes (outlier channels): two sets of D/2 channels, two norms per vector
+    KBITS2: tl.constexpr,  # split codes: bits of the normal set, which starts at byte KSPLIT of a row
+    VBITS2: tl.constexpr,
+    KSPLIT: tl.constexpr,
+    VSPLIT: tl.constexpr,
 ):
     # (batch, head) bases are 64-bit scalars; per-element offsets inside a plane stay int32.
     pid_bh = tl.program_id(0).to(tl.int64)
@@ -96,68 +142,91 @@ def _decode_stage1_kernel(
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, BLOCK_D)
     gmask, dmask = g < G, d < D
-    q = tl.load(Q + b * sqb + (h * G + g[:, None]) * sqh + d[None, :] * sqd,
-                mask=gmask[:, None] & dmask[None, :], other=0.0).to(tl.float32) * scale
+    q_row = Q + b * sqb + (h * G + g[:, None]) * sqh
+    q = tl.load(q_row + d[None, :] * sqd, mask=gmask[:, None] & dmask[None, :], other=0.0).to(tl.float32) * scale
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     n_off = tl.arange(0, BLOCK_N)
+    mid_row = MidO + b * sob + (h * G + g[:, None]) * soh + split * sos
     if split < num_splits:
-        # q_rot = q @ RotK.T, K-chunked so the Rot tile fits in shared memory at D = 256
-        q_rot = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-        for k0 in tl.static_range(0, BLOCK_D, BLOCK_K):
-            kk = k0 + tl.arange(0, BLOCK_K)
-            kmask = kk < D
-            qk = tl.load(Q + b * sqb + (h * G + g[:, None]) * sqh + kk[None, :] * sqd,
-                         mask=gmask[:, None] & kmask[None, :], other=0.0).to(tl.float32) * scale
-            rot_t = tl.load(RotK + d[None, :] * D + kk[:, None], mask=kmask[:, None] & dmask[None, :], other=0.0)
-            q_rot += _dot(qk, rot_t, DOT_PRECISION)
         # Keys were centred before quantizing: q.k = q.mean + q_rot.(norm * c[idx]).
         q_mean = tl.sum(q * tl.load(Kmean + h * D + d, mask=dmask, other=0.0)[None, :], axis=1)
         start = split * chunk
         end = tl.minimum(start + chunk, n_quant)
-        for n0 in range(start, end, BLOCK_N):
-            n = n0 + n_off
-            nmask = n < end
-            kc = tl.load(CentK + load_code_rows(kc_base, n * skct, nmask, D, BLOCK_D, KBITS))
-            if D != BLOCK_D:
-                kc = tl.where(dmask[None, :], kc, 0.0)
-            s = _dot(q_rot, tl.trans(kc), DOT_PRECISION)
-            kn = tl.load(kn_base + n * sknt, mask=nmask, other=0.0)
-            s = s * kn[None, :] + q_mean[:, None]
-            if HAS_SOFTCAP:
-                s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)  # softcap * tanh(s / softcap)
-            keep = nmask
-            if HAS_MASK:
-                keep &= tl.load(mask_base + n * smk, mask=nmask, other=0) != 0
-            s = tl.where(keep[None, :], s, float("-inf"))
-            v = tl.load(CentV + load_code_rows(vc_base, n * svct, nmask, D, BLOCK_D, VBITS))
-            if D != BLOCK_D:
-                v = tl.where(dmask[None, :], v, 0.0)
-            vn = tl.load(vn_base + n * svnt, mask=nmask, other=0.0)
-            # the value norms scale the probabilities ([G, N]) rather than the value tile ([N, D])
-            m, l, acc = _online_softmax_step(s, v, m, l, acc, DOT_PRECISION, vn)
+        if SPLIT:
+            # Two channel sets of D/2 (outliers first, in KPerm's order), each in its own rotated space
+            # with its own norm: q.k = q.mean + n_a * qa.c_a[idx_a] + n_b * qb.c_b[idx_b].
+            HALF: tl.constexpr = D // 2
+            BLOCK_KH: tl.constexpr = min(HALF, 64)
+            qa = _rotated_query(q_row, gmask, KPerm + h * D, RotK, sqd, scale, 0, HALF, BLOCK_G, HALF, BLOCK_KH, D,
+                                True, DOT_PRECISION)
+            qb = _rotated_query(q_row, gmask, KPerm + h * D, RotK, sqd, scale, HALF, HALF, BLOCK_G, HALF, BLOCK_KH, D,
+                                True, DOT_PRECISION)
+            acc_a = tl.zeros([BLOCK_G, HALF], tl.float32)
+            acc_b = tl.zeros([BLOCK_G, HALF], tl.float32)
+            for n0 in range(start, end, BLOCK_N):
+                n = n0 + n_off
+                nmask = n < end
+                ka = tl.load(CentK + load_code_rows(kc_base, n * skct, nmask, HALF, HALF, KBITS))
+                kb = tl.load(CentK2 + load_code_rows(kc_base + KSPLIT, n * skct, nmask, HALF, HALF, KBITS2))
+                s = _dot(qa, tl.trans(ka), DOT_PRECISION) * tl.load(kn_base + n * sknt, mask=nmask, other=0.0)[None, :]
+                s += _dot(qb, tl.trans(kb), DOT_PRECISION) * tl.load(kn_base + n * sknt + 1, mask=nmask,
+                                                                       other=0.0)[None, :]
+                keep = nmask
+                if HAS_MASK:
+                    keep &= tl.load(mask_base + n * smk, mask=nmask, other=0) != 0
+                s = _finish_scores(s + q_mean[:, None], keep, softcap, HAS_SOFTCAP)
+                m, l, alpha, p = _softmax_update(s, m, l)
+                va = tl.load(CentV + load_code_rows(vc_base, n * svct, nmask, HALF, HALF, VBITS))
+                vb = tl.load(CentV2 + load_code_rows(vc_base + VSPLIT, n * svct, nmask, HALF, HALF, VBITS2))
+                vna = tl.load(vn_base + n * svnt, mask=nmask, other=0.0)
+                vnb = tl.load(vn_base + n * svnt + 1, mask=nmask, other=0.0)
+                acc_a = acc_a * alpha[:, None] + _dot(p * vna[None, :], va, DOT_PRECISION)
+                acc_b = acc_b * alpha[:, None] + _dot(p * vnb[None, :], vb, DOT_PRECISION)
+            _store_partial(mid_row, 0, acc_a, l, gmask)
+            _store_partial(mid_row, HALF, acc_b, l, gmask)
+        else:
+            q_rot = _rotated_query(q_row, gmask, KPerm, RotK, sqd, scale, 0, D, BLOCK_G, BLOCK_D, BLOCK_K, D, False,
+                                   DOT_PRECISION)
+            acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+            for n0 in range(start, end, BLOCK_N):
+                n = n0 + n_off
+                nmask = n < end
+                kc = tl.load(CentK + load_code_rows(kc_base, n * skct, nmask, D, BLOCK_D, KBITS))
+                if D != BLOCK_D:
+                    kc = tl.where(dmask[None, :], kc, 0.0)
+                s = _dot(q_rot, tl.trans(kc), DOT_PRECISION)
+                kn = tl.load(kn_base + n * sknt, mask=nmask, other=0.0)
+                keep = nmask
+                if HAS_MASK:
+                    keep &= tl.load(mask_base + n * smk, mask=nmask, other=0) != 0
+                s = _finish_scores(s * kn[None, :] + q_mean[:, None], keep, softcap, HAS_SOFTCAP)
+                m, l, alpha, p = _softmax_update(s, m, l)
+                v = tl.load(CentV + load_code_rows(vc_base, n * svct, nmask, D, BLOCK_D, VBITS))
+                if D != BLOCK_D:
+                    v = tl.where(dmask[None, :], v, 0.0)
+                vn = tl.load(vn_base + n * svnt, mask=nmask, other=0.0)
+                # the value norms scale the probabilities ([G, N]) rather than the value tile ([N, D])
+                acc = acc * alpha[:, None] + _dot(p * vn[None, :], v, DOT_PRECISION)
+            _store_partial(mid_row, 0, acc, l, gmask)
     else:
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
         for n0 in range(0, n_window, BLOCK_N):
             n = n0 + n_off
             nmask = n < n_window
             kv_mask = nmask[:, None] & dmask[None, :]
             k = tl.load(kw_base + n[:, None] * swt + d[None, :] * swd, mask=kv_mask, other=0.0)
-            s = _dot(q, tl.trans(k.to(tl.float32)), DOT_PRECISION)
-            if HAS_SOFTCAP:
-                s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)
             keep = nmask
             if HAS_MASK:
                 keep &= tl.load(mask_base + (n_quant + n) * smk, mask=nmask, other=0) != 0
-            s = tl.where(keep[None, :], s, float("-inf"))
+            s = _finish_scores(_dot(q, tl.trans(k.to(tl.float32)), DOT_PRECISION), keep, softcap, HAS_SOFTCAP)
+            m, l, alpha, p = _softmax_update(s, m, l)
             v = tl.load(vw_base + n[:, None] * swt + d[None, :] * swd, mask=kv_mask, other=0.0)
-            m, l, acc = _online_softmax_step(s, v.to(tl.float32), m, l, acc, DOT_PRECISION)
+            acc = acc * alpha[:, None] + _dot(p, v.to(tl.float32), DOT_PRECISION)
+        _store_partial(mid_row, 0, acc, l, gmask)
     # Empty or fully masked split: lse = -inf, output 0, so it weighs nothing in the merge.
-    out = acc / tl.where(l > 0, l, 1.0)[:, None]
     lse = tl.where(l > 0, m + tl.log(tl.where(l > 0, l, 1.0)), float("-inf"))
-    hq = h * G + g
-    tl.store(MidO + b * sob + hq[:, None] * soh + split * sos + d[None, :], out, mask=gmask[:, None])
-    tl.store(MidL + b * slb + hq * slh + split, lse, mask=gmask)
+    tl.store(MidL + b * slb + (h * G + g) * slh + split, lse, mask=gmask)
 
 
 @triton.jit
@@ -165,7 +234,8 @@ def _decode_stage2_kernel(
     # pointers
     MidO,  # [B, Hq, S + 1, BLOCK_D] fp32
     MidL,  # [B, Hq, S + 1] fp32
-    RotV,  # [D, D] fp32
+    RotV,  # [D, D] fp32 (block-diagonal for split codes)
+    VPerm,  # [Hkv, D] int64: channel order of split value codes (read if SPLIT)
     Out,  # [B, 1, Hq, D] model dtype
     # sizes
     Hkv, num_splits,
@@ -181,6 +251,7 @@ def _decode_stage2_kernel(
     BLOCK_C: tl.constexpr,  # output columns per un-rotation step: bounds the Rot tile in registers
     BLOCK_S: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr,  # the quantized part comes out in VPerm's channel order
 ):
     pid_bh = tl.program_id(0).to(tl.int64)
     b, h = pid_bh // Hkv, pid_bh % Hkv
@@ -206,6 +277,8 @@ def _decode_stage2_kernel(
         cmask = c < D
         rot = tl.load(RotV + d[:, None] * D + c[None, :], mask=(d[:, None] < D) & cmask[None, :], other=0.0)
         o = _dot(o_rot, rot, DOT_PRECISION)
+        if SPLIT:
+            c = tl.load(VPerm + h * D + c, mask=cmask, other=0)  # the model's channel of column c
         o += w_win[:, None] * tl.load(MidO + b * sob + hq[:, None] * soh + num_splits * sos + c[None, :],
                                       mask=gmask[:, None] & cmask[None, :], other=0.0)
         o = o / den[:, None]
@@ -257,9 +330,6 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
     """
     B, Hq, L, D = query.shape
     Hkv = layer.num_heads
-    if layer.config.outlier_fraction:
-        raise ValueError("this layer holds split codes (outlier_fraction > 0), which the Triton kernels do not "
-                         "read yet; use tq_hf.attention.reference_attention")
     if L != 1:
         raise ValueError(f"decode_attention takes one query token, got {L}")
     if (B, D) != (layer.batch_size, layer.head_dim) or Hq % Hkv:
@@ -272,20 +342,31 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
         raise ValueError(f"mask must be [B, >= {total}], got {tuple(mask.shape)}")
     G = Hq // Hkv
     BLOCK_D = max(16, triton.next_power_of_2(D))
+    # Split codes (outlier channels, half the channels each): two code spaces of D/2.
+    split = bool(layer.config.outlier_fraction)
+    if split and not (layer.key_quantizer.kernel_readable and layer.value_quantizer.kernel_readable):
+        raise ValueError(f"split codes are read by the kernel for half/half splits of a power-of-two head dim >= 64; "
+                         f"this layer has D={D} with {layer.key_quantizer.n_outlier} outlier channels: use "
+                         "tq_hf.attention.reference_attention")
     S, chunk = plan_splits(layer.n_quant, B * Hkv, _num_sms(query.device), block_n, num_splits)
     ws = get_workspace(query.device)
     mid_o = ws.get("decode_mid_o", (B, Hq, S + 1, BLOCK_D), torch.float32)
     mid_l = ws.get("decode_mid_lse", (B, Hq, S + 1), torch.float32)
     out = torch.empty(B, 1, Hq, D, dtype=query.dtype, device=query.device)
     kq, vq = layer.key_quantizer, layer.value_quantizer
-    rot_k, cent_k, _ = kq.tensors(query.device)
-    rot_v, cent_v, _ = vq.tensors(query.device)
-    # Before the first flush there are no code planes; any fp32/uint8 tensor stands in (never read).
+    rot_k, cent_k, cent_k2 = kq.kernel_tensors(query.device)
+    rot_v, cent_v, cent_v2 = vq.kernel_tensors(query.device)
+    (kbits, kbits2, ksplit), (vbits, vbits2, vsplit) = kq.code_layout, vq.code_layout
+    # Before the first flush there are no code planes; any fp32/uint8/int64 tensor stands in (never read:
+    # no quantized split runs, and stage 2 permutes only what such splits wrote).
     kc = layer.k_codes if layer.k_codes is not None else torch.empty(1, 1, 1, 1, dtype=torch.uint8,
                                                                     device=query.device)
     kn = layer.k_norms if layer.k_norms is not None else rot_k.view(1, 1, -1)
     vc = layer.v_codes if layer.v_codes is not None else kc
     vn = layer.v_norms if layer.v_norms is not None else kn
+    split = split and layer.n_quant > 0
+    k_perm = layer.k_perm if split else kc.view(-1)[:1].long()
+    v_perm = layer.v_perm if split else k_perm
     kmean = layer.k_mean if layer.k_mean is not None else rot_k
     kw = layer.k_win if layer.k_win is not None else query.new_empty(1, 1, 1, 1)
     vw = layer.v_win if layer.v_win is not None else kw
@@ -301,7 +382,8 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
         maxnreg = 128
     with on_device(query.device):
         _decode_stage1_kernel[(B * Hkv, S + 1)](
-            query, kc, kn, vc, vn, kmean, rot_k, cent_k, cent_v, kw, vw, mask_u8, mid_o, mid_l,
+            query, kc, kn, vc, vn, kmean, rot_k, cent_k, cent_v, cent_k2, cent_v2, k_perm, kw, vw, mask_u8,
+            mid_o, mid_l,
             Hkv, layer.n_quant, layer.n_window, chunk, scaling if scaling is not None else D**-0.5,
             softcap or 0.0,
             query.stride(0), query.stride(1), query.stride(3),
@@ -312,17 +394,18 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
             mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
             mid_l.stride(0), mid_l.stride(1),
             G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D, BLOCK_N=block_n, BLOCK_K=min(BLOCK_D, 64),
-            KBITS=kq.bits, VBITS=vq.bits, HAS_MASK=mask is not None, HAS_SOFTCAP=bool(softcap),
-            DOT_PRECISION=precision, num_warps=num_warps, num_stages=num_stages,
+            KBITS=kbits, VBITS=vbits, HAS_MASK=mask is not None, HAS_SOFTCAP=bool(softcap),
+            DOT_PRECISION=precision, SPLIT=split, KBITS2=kbits2, VBITS2=vbits2, KSPLIT=ksplit, VSPLIT=vsplit,
+            num_warps=num_warps, num_stages=num_stages,
             **({"maxnreg": maxnreg} if maxnreg else {}),
         )
         _decode_stage2_kernel[(B * Hkv,)](
-            mid_o, mid_l, rot_v, out,
+            mid_o, mid_l, rot_v, v_perm, out,
             Hkv, S,
             mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
             mid_l.stride(0), mid_l.stride(1),
             out.stride(0), out.stride(2),
             G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D, BLOCK_C=min(BLOCK_D, 64),
-            BLOCK_S=triton.next_power_of_2(S + 1), DOT_PRECISION=precision, num_warps=4,
+            BLOCK_S=triton.next_power_of_2(S + 1), DOT_PRECISION=precision, SPLIT=split, num_warps=4,
         )
     return out

@@ -104,8 +104,9 @@ def test_dequantize_matches_reference(request, dtype, dim, bits):
 
 
 # ---------------------------------------------------------------- decode attention
-def _make_layer(B, Hkv, D, T, R, dtype, key_bits=4, value_bits=4, decode_steps=3):
-    cache = TurboQuantCache(key_bits=key_bits, value_bits=value_bits, residual_length=R, backend="triton")
+def _make_layer(B, Hkv, D, T, R, dtype, key_bits=4, value_bits=4, decode_steps=3, preset=None):
+    bits = {} if preset else {"key_bits": key_bits, "value_bits": value_bits}
+    cache = TurboQuantCache(preset, residual_length=R, backend="triton", **bits)
     k = torch.randn(B, Hkv, T, D, dtype=dtype, device=DEV) * 1.5 + 0.7  # a channel bias to centre away
     v = torch.randn(B, Hkv, T, D, dtype=dtype, device=DEV)
     cache.update(k, v, 0)
@@ -124,6 +125,9 @@ def _reference_kv(layer):
         return layer.k_win[:, :, : layer.n_window].float(), layer.v_win[:, :, : layer.n_window].float()
     k = kq.dequantize({"codes": layer.k_codes[:, :, :nq], "norms": layer.k_norms[:, :, :nq], "dtype": torch.float32})
     v = vq.dequantize({"codes": layer.v_codes[:, :, :nq], "norms": layer.v_norms[:, :, :nq], "dtype": torch.float32})
+    if layer.k_perm is not None:  # split codes: from outliers-first back to the model's channel order
+        k = torch.empty_like(k).scatter_(-1, layer.k_perm[None, :, None, :].expand(k.shape), k)
+        v = torch.empty_like(v).scatter_(-1, layer.v_perm[None, :, None, :].expand(v.shape), v)
     k = k + layer.k_mean[None, :, None, :]
     if layer.n_window:
         k = torch.cat([k, layer.k_win[:, :, : layer.n_window].float()], 2)
@@ -194,6 +198,24 @@ def test_decode_softcap_and_bits(request, dtype):
         layer = _make_layer(2, 2, 64, 37, 8, dtype, key_bits=kb, value_bits=vb)
         q = torch.randn(2, 8, 1, 64, dtype=dtype, device=DEV) * 3
         _check_decode(q, layer, None, 20.0, None)
+
+
+@pytest.mark.parametrize("preset", ["2.5bit", "3.5bit"])
+@pytest.mark.parametrize("shape", [(2, 2, 4, 128, 70, 16), (1, 1, 8, 64, 33, 0)] + (
+    [(2, 8, 4, 128, 4096, 64), (1, 2, 4, 256, 999, 64)] if CUDA else []), ids=str)
+def test_decode_split_codes_match_reference(request, preset, shape):
+    """Split codes (outlier channels): two code sets, two norms, permuted channels, read by the kernel."""
+    _seed(request)
+    B, Hkv, G, D, T, R = shape
+    dtype = DTYPES[zlib.crc32(str((preset, shape)).encode()) % 3]
+    layer = _make_layer(B, Hkv, D, T, R, dtype, preset=preset)
+    assert layer.k_perm is not None and layer.k_norms.shape[-1] == 2
+    n = layer.get_seq_length()
+    mask = torch.ones(B, n, dtype=torch.bool, device=DEV)
+    mask[-1, :3] = False
+    q = torch.randn(B, Hkv * G, 1, D, dtype=dtype, device=DEV)
+    for num_splits in (None, 2):
+        _check_decode(q, layer, mask if B > 1 else None, 30.0 if D == 64 else None, num_splits)
 
 
 @pytest.mark.skipif(not CUDA, reason="long contexts run on the GPU only")

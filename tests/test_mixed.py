@@ -25,8 +25,9 @@ def test_split_config_errors():
         TurboQuantConfig(outlier_fraction=1.0)
     with pytest.raises(ValueError, match="<= 7"):
         TurboQuantConfig(key_bits=8, outlier_fraction=0.5)
-    with pytest.raises(ValueError, match="PyTorch path only"):
-        TurboQuantConfig.from_preset("2.5bit", backend="triton")
+    cache = TurboQuantCache("2.5bit", backend="triton", outlier_fraction=0.25)
+    with pytest.raises(ValueError, match="reads split codes only for outlier_fraction=0.5"):
+        cache.update(torch.randn(1, 1, 4, 128), torch.randn(1, 1, 4, 128), 0)
     with pytest.raises(ValueError, match="at least 8"):
         outlier_channel_count(64, 0.01)
 
@@ -106,11 +107,35 @@ def test_split_presets_generate_close_to_dynamic_cache(preset):
     assert all(layer.backend == "torch" and layer.k_perm is not None for layer in cache.layers)
 
 
-def test_decode_kernel_refuses_split_codes():
+def test_split_codes_stay_on_the_reference_path_by_default():
+    """`backend="auto"` keeps split presets on PyTorch (their kernel has not run on a GPU yet); the decode
+    kernel itself refuses splits it cannot read."""
     from tq_hf.kernels import decode_attention
 
     cache = TurboQuantCache("2.5bit", residual_length=0)
-    k = torch.randn(1, 1, 16, 64)
-    cache.update(k, k, 0)
-    with pytest.raises(ValueError, match="split codes"):
+    cache.update(torch.randn(1, 1, 16, 64), torch.randn(1, 1, 16, 64), 0)
+    assert cache.layers[0].backend == "torch"
+    cache = TurboQuantCache("2.5bit", residual_length=0, outlier_fraction=0.25)
+    cache.update(torch.randn(1, 1, 16, 64), torch.randn(1, 1, 16, 64), 0)
+    with pytest.raises(ValueError, match="half/half splits"):
         decode_attention(torch.randn(1, 2, 1, 64), cache.layers[0])
+
+
+def test_split_preset_generates_through_the_triton_kernel(monkeypatch):
+    """backend="triton": the "turboquant" attention decodes split codes with the kernel (Triton interpreter on
+    CPU), giving the reference path's logits."""
+    from tq_hf.kernels import decode as decode_module
+
+    model = make_model("llama", "turboquant", hidden_size=256)  # head_dim 64
+    ids = torch.randint(3, 256, (2, 40), generator=torch.Generator().manual_seed(4))
+    calls = []
+    real = decode_module.decode_attention
+    monkeypatch.setattr(decode_module, "decode_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    scores = {}
+    for backend in ("triton", "torch"):
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                             output_scores=True, return_dict_in_generate=True, pad_token_id=0,
+                             **cache_kw(TurboQuantCache("3.5bit", backend=backend, residual_length=8)))
+        scores[backend] = torch.stack(out.scores)
+    assert len(calls) == 5 * model.config.num_hidden_layers  # every decode step of every layer
+    torch.testing.assert_close(scores["triton"], scores["torch"], rtol=0, atol=1e-3)

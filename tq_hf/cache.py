@@ -139,14 +139,21 @@ class TurboQuantLayer(CacheLayerMixin):
         cfg = self.config
         self.batch_size, self.num_heads, _, self.head_dim = key_states.shape
         self.dtype, self.device = key_states.dtype, key_states.device
-        # Split codes (outlier channels) have no Triton kernel yet: they run on the reference path.
-        self.backend = "torch" if cfg.outlier_fraction else _resolve_backend(cfg.backend, self.device)
+        # Split codes (outlier channels): "auto" keeps the reference path, since their Triton decode has
+        # not run on a GPU yet; "triton" asks for it (quantizing and dequantizing stay on PyTorch).
+        split_auto = cfg.outlier_fraction and cfg.backend == "auto"
+        self.backend = "torch" if split_auto else _resolve_backend(cfg.backend, self.device)
         try:
             self.key_quantizer, self.value_quantizer = make_quantizers(cfg, self.head_dim)
         except ValueError as e:
             raise ValueError(
                 f"layer {self.layer_idx}: TurboQuantCache cannot quantize head_dim={self.head_dim}: {e}"
             ) from None
+        if self.backend == "triton" and cfg.outlier_fraction and not self.key_quantizer.kernel_readable:
+            raise ValueError(
+                f"layer {self.layer_idx}: backend='triton' reads split codes only for outlier_fraction=0.5 and a "
+                f"power-of-two head_dim >= 64 (got {cfg.outlier_fraction}, {self.head_dim}); use backend='auto'"
+            )
         shape = (self.batch_size, self.num_heads, cfg.residual_length, self.head_dim)
         if cfg.residual_length:
             self.k_win = torch.empty(shape, dtype=self.dtype, device=self.device)
@@ -225,7 +232,7 @@ class TurboQuantLayer(CacheLayerMixin):
             self.v_perm = _outliers_first(v.float(), self.value_quantizer.n_outlier)
         self._reserve(self.n_quant + T)
         s = slice(self.n_quant, self.n_quant + T)
-        if self.backend == "triton":
+        if self.backend == "triton" and not self.config.outlier_fraction:
             from .kernels import quantize_pack
 
             quantize_pack(k, self.key_quantizer, self.k_codes, self.k_norms, self.n_quant, mean=self.k_mean)
@@ -337,7 +344,7 @@ class TurboQuantLayer(CacheLayerMixin):
         q_end = min(end, self.n_quant)
         if start < q_end:
             n = q_end - start
-            if self.backend == "triton":
+            if self.backend == "triton" and not self.config.outlier_fraction:
                 from .kernels import dequantize
 
                 dequantize(self.k_codes, self.k_norms, self.key_quantizer, start, k_out[:, :, :n], mean=self.k_mean)

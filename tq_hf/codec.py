@@ -197,6 +197,18 @@ class TurboQuantizer:
             self._per_device[device] = (rotation_matrix(self.dim, self.seed, device), c, b)
         return self._per_device[device]
 
+    @property
+    def code_layout(self) -> tuple[int, int, int]:
+        """(bits of the first code set, bits of the second, byte where the second starts) of a code
+        row, as the decode kernel reads it: one set here."""
+        return self.mse_bits, self.mse_bits, 0
+
+    def kernel_tensors(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rotation `[d, d]`, centroids, centroids of the second code set: the same here) for the
+        decode kernel."""
+        rot, cent, _ = self.tensors(device)
+        return rot, cent, cent
+
     def qjl_tensor(self, device) -> torch.Tensor:
         """The QJL matrix S `[d, d]` (fp32), cached per device ("prod" mode)."""
         device = torch.device(device)
@@ -313,6 +325,27 @@ class SplitQuantizer:
         self.row_bytes = self.split_byte + packed_row_bytes(dim - n_outlier, bits)
         self.vector_bytes = self.row_bytes + 8  # stored per vector: codes and two fp32 norms
         self.bits_per_coordinate = self.row_bytes * 8 / dim
+        self._per_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def kernel_readable(self) -> bool:
+        """Whether the Triton decode kernel reads these codes: half/half splits of a power-of-two
+        dim >= 64 (both sets then fill whole, 4-byte aligned tiles)."""
+        return self.dim >= 64 and self.dim & (self.dim - 1) == 0 and 2 * self.n_outlier == self.dim
+
+    @property
+    def code_layout(self) -> tuple[int, int, int]:
+        """(outlier bits, normal bits, byte where the normal set's codes start) of a code row."""
+        return self.bits + 1, self.bits, self.split_byte
+
+    def kernel_tensors(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(block-diagonal rotation `[d, d]` of the two sets, outlier centroids, normal centroids),
+        fp32, cached per device, for the decode kernel."""
+        device = torch.device(device)
+        if device not in self._per_device:
+            (ra, ca, _), (rb, cb, _) = self.outlier.tensors(device), self.normal.tensors(device)
+            self._per_device[device] = (torch.block_diag(ra, rb), ca, cb)
+        return self._per_device[device]
 
     def quantize(self, x: torch.Tensor) -> dict:
         if x.shape[-1] != self.dim:

@@ -31,7 +31,9 @@ class TurboQuantConfig:
             are outliers: the channels of largest mean square in the first quantized chunk, chosen
             per layer and KV head, separately for keys (after mean-centring) and values. Outliers
             and the other channels are quantized as two vectors (own rotation, codebook and norm),
-            the outliers with one more bit. Runs on the PyTorch path only (no Triton kernel yet).
+            the outliers with one more bit. `backend="auto"` runs it on the PyTorch path; the Triton
+            decode kernel reads split codes (half/half splits of a power-of-two head dim >= 64) with
+            `backend="triton"`, which has run under the Triton interpreter only, not yet on a GPU.
         backend: "auto" (Triton on CUDA tensors, PyTorch reference elsewhere), "torch" or "triton".
     """
 
@@ -61,9 +63,6 @@ class TurboQuantConfig:
         if self.outlier_fraction and max(self.key_bits, self.value_bits) == 8:
             raise ValueError("outlier channels take one more bit than the others: key_bits and value_bits must be "
                              "<= 7 with outlier_fraction > 0")
-        if self.outlier_fraction and self.backend == "triton":
-            raise ValueError("outlier_fraction > 0 (the 2.5bit / 3.5bit presets) runs on the PyTorch path only; "
-                             "the Triton kernels do not read split codes yet: use backend='auto' or 'torch'")
         if self.backend not in VALID_BACKENDS:
             raise ValueError(f"backend={self.backend!r} is not valid; choose one of {list(VALID_BACKENDS)}")
         if not all(isinstance(i, int) and not isinstance(i, bool) for i in self.skip_layers):
@@ -89,7 +88,7 @@ PRESETS: dict[str, TurboQuantConfig] = {
     "3bit": TurboQuantConfig(key_bits=3, value_bits=3),
     # Aggressive: protect the first and last two layers as vLLM does.
     "k3v2": TurboQuantConfig(key_bits=3, value_bits=2, skip_layers=(0, 1, -2, -1)),
-    # The paper's mixed precision (PyTorch path only): the half of each head's channels with the
+    # The paper's mixed precision (see `outlier_fraction`): the half of each head's channels with the
     # largest mean square at 3 bits, the other half at 2: 2.5 bits per coordinate of codes (64 x 3 +
     # 64 x 2 at d=128), plus two fp32 norms per vector: 96 B per token and head.
     "2.5bit": TurboQuantConfig(key_bits=2, value_bits=2, outlier_fraction=0.5),
