@@ -122,3 +122,11 @@ def test_default_configs():
     assert rows[0].config.residual_length == 0 and rows[1].config.backend == "torch"
     assert not rows[1].config.key_mean_centering
     assert len(ev.default_configs(None, centring_ablation=False)) == len(__import__("tq_hf").PRESETS)
+
+
+def test_qjl_ablation_rows():
+    from tq_hf.evaluate import default_configs
+
+    rows = default_configs(["4bit", "2.5bit"], centring_ablation=False, qjl_ablation=True)
+    assert [r.name for r in rows] == ["4bit", "4bit + QJL keys", "2.5bit"]  # no QJL over split codes
+    assert rows[1].config.key_qjl and rows[1].config.key_bits == 4

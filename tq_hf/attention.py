@@ -85,9 +85,15 @@ def reference_attention(query, layer: TurboQuantLayer, end, chunk_k=None, chunk_
     acc = torch.zeros((B, Hkv, G, L, D), device=query.device)
     ws = get_workspace(query.device)
 
-    def step(k, v, blk_mask):
+    def step(k, v, blk_mask, s0=None):
+        # s0: the block's first cache position, for blocks read from the cache (None: the exact chunk)
         nonlocal m, den, acc
-        s = torch.einsum("bhgqd,bhkd->bhgqk", q, k.float()) * scaling
+        s = torch.einsum("bhgqd,bhkd->bhgqk", q, k.float())
+        if layer.config.key_qjl and s0 is not None and s0 < layer.n_quant:
+            # TurboQuant_prod: add the QJL estimate of <q, residual> to the scores of quantized keys
+            n = min(layer.n_quant, s0 + k.shape[2]) - s0
+            s[..., :n] += layer.qjl_scores(q, s0, s0 + n)
+        s = s * scaling
         if softcap:
             s = softcap * torch.tanh(s / softcap)
         if blk_mask is not None:
@@ -104,7 +110,7 @@ def reference_attention(query, layer: TurboQuantLayer, end, chunk_k=None, chunk_
         s1 = min(end, s0 + block)
         tile = tuple(ws.get(f"hist_{n}", (B, Hkv, s1 - s0, D), layer.dtype) for n in "kv")
         k, v = layer.dequantize_range(s0, s1, out=tile)
-        step(k, v, None if mask is None else _group_mask(mask[..., s0:s1], Hkv, G))
+        step(k, v, None if mask is None else _group_mask(mask[..., s0:s1], Hkv, G), s0)
     if chunk_k is not None:
         if mask is None:
             causal = torch.ones(L, L, dtype=torch.bool, device=query.device).tril()

@@ -10,6 +10,8 @@ Per layer, structure-of-arrays storage (B batch, H kv heads, D head dim, C capac
 With `outlier_fraction > 0` (the 2.5bit / 3.5bit presets) a code row holds two sets of codes
 (outlier channels, then the others), the norms planes get a trailing dim of 2, and
 `k_perm`, `v_perm` [H, D] int64 give each head's channel order (outliers first).
+With `key_qjl`, k_codes hold key_bits - 1 bits and two planes more keep the QJL sketch:
+k_qjl [B, H, C, D/8] uint8 (signs of S r) and k_rnorm [B, H, C] fp32 (||r||).
 
 Positions [0, n_quant) live in the codes, [n_quant, n_quant + n_window) in the window. The
 capacity C grows geometrically; tokens are written in place (no per-step `torch.cat`).
@@ -39,7 +41,7 @@ from transformers.cache_utils import (
 )
 from transformers.utils import logging
 
-from .codec import SplitQuantizer, TurboQuantizer, outlier_channel_count, pack_codes
+from .codec import SplitQuantizer, TurboQuantizer, outlier_channel_count, unpack_codes
 from .config import DEFAULT_PRESET, TurboQuantConfig
 
 logger = logging.get_logger(__name__)
@@ -78,7 +80,7 @@ def make_quantizers(config: TurboQuantConfig, head_dim: int):
         n_out = outlier_channel_count(head_dim, cfg.outlier_fraction)
         return (SplitQuantizer(head_dim, n_out, cfg.key_bits, cfg.seed, cfg.norm_correction),
                 SplitQuantizer(head_dim, n_out, cfg.value_bits, cfg.seed + 2, cfg.norm_correction))
-    return (TurboQuantizer(head_dim, cfg.key_bits, cfg.seed, cfg.norm_correction),
+    return (TurboQuantizer(head_dim, cfg.key_bits, cfg.seed, cfg.norm_correction, "prod" if cfg.key_qjl else "mse"),
             TurboQuantizer(head_dim, cfg.value_bits, cfg.seed + 1, cfg.norm_correction))
 
 
@@ -119,6 +121,7 @@ class TurboQuantLayer(CacheLayerMixin):
         self.k_codes = self.k_norms = self.v_codes = self.v_norms = None
         self.k_win = self.v_win = self.k_mean = None
         self.k_perm = self.v_perm = None
+        self.k_qjl = self.k_rnorm = None
         self.keys = self.values = None
         self.is_initialized = False
 
@@ -141,8 +144,8 @@ class TurboQuantLayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         # Split codes (outlier channels): "auto" keeps the reference path, since their Triton decode has
         # not run on a GPU yet; "triton" asks for it (quantizing and dequantizing stay on PyTorch).
-        split_auto = cfg.outlier_fraction and cfg.backend == "auto"
-        self.backend = "torch" if split_auto else _resolve_backend(cfg.backend, self.device)
+        torch_only = (cfg.outlier_fraction or cfg.key_qjl) and cfg.backend == "auto"  # QJL: no kernel at all
+        self.backend = "torch" if torch_only else _resolve_backend(cfg.backend, self.device)
         try:
             self.key_quantizer, self.value_quantizer = make_quantizers(cfg, self.head_dim)
         except ValueError as e:
@@ -206,6 +209,9 @@ class TurboQuantLayer(CacheLayerMixin):
             "k_norms": torch.empty(norms, dtype=torch.float32, device=self.device),
             "v_norms": torch.empty(norms, dtype=torch.float32, device=self.device),
         }
+        if self.config.key_qjl:
+            new["k_qjl"] = torch.empty(B, H, cap, self.head_dim // 8, dtype=torch.uint8, device=self.device)
+            new["k_rnorm"] = torch.empty(B, H, cap, dtype=torch.float32, device=self.device)
         for name, buf in new.items():
             old = getattr(self, name)
             if old is not None and self.n_quant:
@@ -249,14 +255,13 @@ class TurboQuantLayer(CacheLayerMixin):
                 # each vector by a power of two first is exact: ordinary vectors get the same codes and
                 # norm bits, huge and tiny ones stay finite.
                 e = _exponent(x.abs().amax(dim=-1, keepdim=True))
-                if perm is None:
-                    idx, n = qz.indices(torch.ldexp(x, -e))
-                    codes[:, :, s] = pack_codes(idx, qz.bits)
-                    norms[:, :, s] = torch.ldexp(n, e.squeeze(-1))
-                else:
-                    q = qz.quantize(torch.ldexp(x, -e))
-                    codes[:, :, s] = q["codes"]
-                    norms[:, :, s] = torch.ldexp(q["norms"], e)
+                q = qz.quantize(torch.ldexp(x, -e))
+                codes[:, :, s] = q["codes"]
+                # split codes keep two norms per vector, [..., 2]: e [..., 1] broadcasts over them
+                norms[:, :, s] = torch.ldexp(q["norms"], e if q["norms"].dim() == e.dim() else e.squeeze(-1))
+                if "qjl" in q:  # key_qjl: the residual's sketch and norm (the residual scales with x)
+                    self.k_qjl[:, :, s] = q["qjl"]
+                    self.k_rnorm[:, :, s] = torch.ldexp(q["residual_norms"], e.squeeze(-1))
         self.n_quant += T
 
     def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -366,6 +371,17 @@ class TurboQuantLayer(CacheLayerMixin):
             v_out[:, :, w0 + self.n_quant - start :] = self.v_win[:, :, w0:w1]
         return k_out, v_out
 
+    def qjl_scores(self, query: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """With `key_qjl`: the QJL estimate of <q, r> (r = k - k_mse, the residual the codes miss) for
+        quantized positions [start, end), unscaled fp32 `[B, Hkv, G, q, end - start]`, from `query`
+        `[B, Hkv, G, q, D]`: ||r|| sqrt(pi/2) / D <S q, sign(S r)> (unbiased, TurboQuant_prod)."""
+        if not 0 <= start <= end <= self.n_quant:
+            raise ValueError(f"range [{start}, {end}) is outside the {self.n_quant} quantized tokens")
+        S = self.key_quantizer.qjl_tensor(self.device)
+        signs = unpack_codes(self.k_qjl[:, :, start:end], 1, self.head_dim).float().mul_(2).sub_(1)
+        est = torch.einsum("bhgqd,bhnd->bhgqn", query.float() @ S.T, signs)
+        return est * (self.k_rnorm[:, :, None, None, start:end] * (math.sqrt(math.pi / 2) / self.head_dim))
+
     # ------------------------------------------------------------------ Cache API
     def get_seq_length(self) -> int:
         return self.n_quant + self.n_window
@@ -404,7 +420,7 @@ class TurboQuantLayer(CacheLayerMixin):
         self._refresh_views()
 
     def _index_batch(self, fn) -> None:
-        for name in ("k_codes", "k_norms", "v_codes", "v_norms", "k_win", "v_win"):
+        for name in ("k_codes", "k_norms", "v_codes", "v_norms", "k_win", "v_win", "k_qjl", "k_rnorm"):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, fn(t))
@@ -432,7 +448,8 @@ class TurboQuantLayer(CacheLayerMixin):
 
     def nbytes(self) -> int:
         """Bytes of every tensor this layer holds (allocated capacity included)."""
-        names = ("k_codes", "k_norms", "v_codes", "v_norms", "k_win", "v_win", "k_mean", "k_perm", "v_perm")
+        names = ("k_codes", "k_norms", "v_codes", "v_norms", "k_win", "v_win", "k_mean", "k_perm", "v_perm", "k_qjl",
+                 "k_rnorm")
         return sum(t.numel() * t.element_size() for t in (getattr(self, n) for n in names) if t is not None)
 
     def dense_nbytes(self) -> int:

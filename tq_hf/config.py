@@ -34,6 +34,11 @@ class TurboQuantConfig:
             the outliers with one more bit. `backend="auto"` runs it on the PyTorch path; the Triton
             decode kernel reads split codes (half/half splits of a power-of-two head dim >= 64) with
             `backend="triton"`, which has run under the Triton interpreter only, not yet on a GPU.
+        key_qjl: TurboQuant_prod for keys (opt-in): key_bits - 1 bits of Lloyd-Max codes plus a 1-bit
+            QJL sign sketch of the residual and the residual's norm, and the "turboquant" attention adds
+            the sketch's unbiased estimate of <q, residual> to every score of a quantized key (never to
+            a dequantized key). Unbiased scores, more variance than key_bits of mse codes. PyTorch path
+            only; other attention implementations and `output_attentions` see the mse keys alone.
         backend: "auto" (Triton on CUDA tensors, PyTorch reference elsewhere), "torch" or "triton".
     """
 
@@ -45,6 +50,7 @@ class TurboQuantConfig:
     skip_layers: tuple[int, ...] = ()
     seed: int = 0
     outlier_fraction: float = 0.0
+    key_qjl: bool = False
     backend: str = "auto"
 
     def __post_init__(self):
@@ -63,6 +69,10 @@ class TurboQuantConfig:
         if self.outlier_fraction and max(self.key_bits, self.value_bits) == 8:
             raise ValueError("outlier channels take one more bit than the others: key_bits and value_bits must be "
                              "<= 7 with outlier_fraction > 0")
+        if self.key_qjl and (self.key_bits < 2 or self.outlier_fraction or self.backend == "triton"):
+            raise ValueError("key_qjl needs key_bits >= 2 (one bit is the QJL sketch), no outlier_fraction, and the "
+                             f"PyTorch path (backend 'auto' or 'torch'); got key_bits={self.key_bits}, "
+                             f"outlier_fraction={self.outlier_fraction}, backend={self.backend!r}")
         if self.backend not in VALID_BACKENDS:
             raise ValueError(f"backend={self.backend!r} is not valid; choose one of {list(VALID_BACKENDS)}")
         if not all(isinstance(i, int) and not isinstance(i, bool) for i in self.skip_layers):

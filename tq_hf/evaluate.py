@@ -27,8 +27,9 @@ Protocol (all of it reads the quantized cache, none of it is a prefill over exac
 
 Every preset runs twice, with and without key mean-centring (`key_mean_centering`), and, for an fp32
 model, `DynamicCache` on a bf16 copy of the model gives the scale of the differences that bf16 alone
-makes. The QJL estimator (`TurboQuantizer(mode="prod")`) is a codec-level reference only: the cache
-does not use it, so it has no row here.
+makes. With `qjl_ablation` (`--qjl-ablation`) every preset also runs with `key_qjl=True`: the same key
+bit budget spent as TurboQuant_prod (one bit fewer of codes, one bit of QJL sketch whose unbiased
+estimate the attention adds to the scores).
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ from .config import PRESETS, TurboQuantConfig
 __all__ = ["EvalConfig", "default_configs", "evaluate", "format_table", "main", "passkey_prompts", "save_results"]
 
 PASSKEY_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
-COLUMNS = ("name", "preset", "key_bits", "value_bits", "centring", "tq_layers", "ppl", "ppl_delta_pct", "kl", "kl_max",
+COLUMNS = ("name", "preset", "key_bits", "value_bits", "centring", "qjl", "tq_layers", "ppl", "ppl_delta_pct", "kl", "kl_max",
            "top1", "passkey", "cache_vs_bf16", "seconds")
 
 
@@ -73,9 +74,10 @@ class EvalConfig:
 
 
 def default_configs(presets=None, centring_ablation: bool = True, residual_length: int | None = None,
-                    backend: str = "auto") -> list[EvalConfig]:
+                    backend: str = "auto", qjl_ablation: bool = False) -> list[EvalConfig]:
     """Rows for `presets` (names or `TurboQuantConfig`s; default: every preset in `PRESETS`), each
-    followed by its copy without key mean-centring when `centring_ablation`."""
+    followed by its copy without key mean-centring when `centring_ablation`, and by its copy with
+    `key_qjl=True` when `qjl_ablation` (presets whose keys allow it: >= 2 bits, no outlier split)."""
     presets = list(PRESETS) if presets is None else list(presets)
     rows = []
     for p in presets:
@@ -88,6 +90,8 @@ def default_configs(presets=None, centring_ablation: bool = True, residual_lengt
         if centring_ablation:
             rows.append(EvalConfig(f"{name} no-centring", cfg.replace(key_mean_centering=not cfg.key_mean_centering),
                                    name))
+        if qjl_ablation and cfg.key_bits >= 2 and not cfg.outlier_fraction and not cfg.key_qjl:
+            rows.append(EvalConfig(f"{name} + QJL keys", cfg.replace(key_qjl=True, backend="auto"), name))
     return rows
 
 
@@ -230,7 +234,7 @@ def _passkey(model, tokenizer, rows: list[EvalConfig], prompts: list[dict], answ
 # ------------------------------------------------------------------------------------------ evaluate
 def evaluate(model, tokenizer, texts: list[str], presets=None, *, seq_len: int = 512, prefix_len: int = 64,
              centring_ablation: bool = True, bf16_row: bool = True, residual_length: int | None = None,
-             backend: str = "auto", passkey: bool = True, passkey_lengths=(128, 256, 512),
+             backend: str = "auto", qjl_ablation: bool = False, passkey: bool = True, passkey_lengths=(128, 256, 512),
              passkey_depths=(0.1, 0.5, 0.9), passkey_trials: int = 4, seed: int = 0, log=print) -> dict:
     """Evaluate TurboQuant presets on `model` against its own full-precision `DynamicCache`.
 
@@ -245,6 +249,7 @@ def evaluate(model, tokenizer, texts: list[str], presets=None, *, seq_len: int =
         seq_len / prefix_len: tokens per text (BOS included), of which the first `prefix_len` are
             prefilled and the rest decoded one per step.
         centring_ablation: also run every preset with key mean-centring switched off.
+        qjl_ablation: also run every preset with `key_qjl=True` (see `default_configs`).
         bf16_row: for an fp32 model, also run `DynamicCache` on a bf16 copy of the model.
         residual_length: override the presets' full-precision window (None: keep each preset's).
         backend: the caches' backend ("auto": Triton on CUDA, PyTorch on CPU).
@@ -260,7 +265,7 @@ def evaluate(model, tokenizer, texts: list[str], presets=None, *, seq_len: int =
     rows = [EvalConfig(f"{_dtype_name(model.dtype)} DynamicCache", None, None, None, reference=True)]
     if bf16_row and model.dtype == torch.float32:
         rows.append(EvalConfig("bf16 DynamicCache", None, None, copy.deepcopy(model).to(torch.bfloat16)))
-    rows += default_configs(presets, centring_ablation, residual_length, backend)
+    rows += default_configs(presets, centring_ablation, residual_length, backend, qjl_ablation)
 
     encoded = [_encode(tokenizer, t, bos=True) for t in texts]
     keep = [e[:seq_len] for e in encoded if len(e) >= seq_len]
@@ -298,6 +303,7 @@ def evaluate(model, tokenizer, texts: list[str], presets=None, *, seq_len: int =
             "key_bits": r.config.key_bits if r.config else None,
             "value_bits": r.config.value_bits if r.config else None,
             "centring": r.config.key_mean_centering if r.config else None,
+            "qjl": r.config.key_qjl if r.config else None,
             "residual_length": r.config.residual_length if r.config else None,
             "tq_layers": m["tq_layers"],
             "ppl": m["ppl"], "ppl_delta_pct": 100 * (m["ppl"] / ref_ppl - 1), "kl": m["kl"], "kl_max": m["kl_max"],
@@ -399,6 +405,8 @@ def build_parser(prog: str = "python -m tq_hf.evaluate") -> argparse.ArgumentPar
     p.add_argument("--residual-length", type=int, default=None, help="override the presets' full-precision window")
     p.add_argument("--no-centring-ablation", action="store_true", help="skip the rows without key mean-centring")
     p.add_argument("--no-bf16-row", action="store_true", help="skip DynamicCache on a bf16 copy of an fp32 model")
+    p.add_argument("--qjl-ablation", action="store_true",
+                   help="also run every preset with key_qjl=True (TurboQuant_prod keys: 1 bit of QJL sketch)")
     p.add_argument("--no-passkey", action="store_true")
     p.add_argument("--passkey-lengths", type=_ints, default=[128, 256, 512])
     p.add_argument("--passkey-depths", type=_floats, default=[0.1, 0.5, 0.9])
@@ -449,7 +457,8 @@ def main(argv=None, prog: str = "python -m tq_hf.evaluate") -> int:
         texts = eval_texts()
     result = evaluate(model, tok, texts, presets, seq_len=args.seq_len, prefix_len=args.prefix_len,
                       centring_ablation=not args.no_centring_ablation, bf16_row=not args.no_bf16_row,
-                      residual_length=args.residual_length, backend=args.backend, passkey=not args.no_passkey,
+                      residual_length=args.residual_length, backend=args.backend, qjl_ablation=args.qjl_ablation,
+                      passkey=not args.no_passkey,
                       passkey_lengths=args.passkey_lengths, passkey_depths=args.passkey_depths,
                       passkey_trials=args.passkey_trials, seed=args.seed,
                       log=lambda m: print(m, file=sys.stderr, flush=True))

@@ -1,0 +1,84 @@
+"""TurboQuant_prod for keys in the cache (`key_qjl=True`): (key_bits - 1)-bit codes plus a QJL sketch, and
+the "turboquant" attention adds the sketch's estimate of <q, residual> to every score of a quantized key."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import cache_kw, make_model
+from transformers import DynamicCache
+
+from tq_hf import TurboQuantCache, TurboQuantConfig
+from tq_hf.attention import reference_attention
+from tq_hf.codec import TurboQuantizer
+
+
+def test_qjl_config_errors():
+    for kw in ({"key_bits": 1}, {"outlier_fraction": 0.5}, {"backend": "triton"}):
+        with pytest.raises(ValueError, match="key_qjl needs"):
+            TurboQuantConfig(key_qjl=True, **kw)
+
+
+def test_cache_scores_are_the_codecs_unbiased_estimator():
+    torch.manual_seed(0)
+    T, D = 4000, 64
+    k = torch.randn(1, 1, T, D) * 3
+    q = torch.randn(1, 1, 1, 1, D)
+    cache = TurboQuantCache(residual_length=0, key_bits=3, key_qjl=True, key_mean_centering=False)
+    cache.update(k, k, 0)
+    layer = cache.layers[0]
+    assert layer.k_codes.shape[-1] == D * 2 // 8 and layer.k_qjl.shape[-1] == D // 8  # 2 mse bits + 1 sketch bit
+    k_mse, _ = layer.dequantize_range(0, T)
+    est = (torch.einsum("bhgqd,bhnd->bhgqn", q, k_mse.float()) + layer.qjl_scores(q, 0, T)).view(T)
+    qz = TurboQuantizer(D, 3, seed=0, norm_correction=True, mode="prod")
+    torch.testing.assert_close(est, qz.inner_product(q.view(1, D), qz.quantize(k.view(T, D))), rtol=1e-5, atol=1e-4)
+    err = est - (q.view(1, D) * k.view(T, D)).sum(-1)
+    assert abs(err.mean()) < 4 * err.std() / math.sqrt(T)  # unbiased
+    with pytest.raises(ValueError, match="outside"):
+        layer.qjl_scores(q, 0, T + 1)
+
+
+def test_attention_adds_the_estimate_to_quantized_keys_only():
+    torch.manual_seed(1)
+    B, H, G, T, R, D = 2, 2, 2, 150, 16, 64
+    k, v = torch.randn(B, H, T, D), torch.randn(B, H, T, D)
+    cache = TurboQuantCache(residual_length=R, key_qjl=True)
+    cache.update(k[:, :, :140], v[:, :, :140], 0)  # quantized at once
+    for t in range(140, T):  # ten decode steps into the exact window
+        cache.update(k[:, :, t : t + 1], v[:, :, t : t + 1], 0)
+    layer = cache.layers[0]
+    q = torch.randn(B, H * G, 1, D)
+    out = reference_attention(q, layer, T)
+    # by hand: mse keys (+ mean) dot q, plus the sketch for the quantized part; exact window keys
+    kd, vd = layer.dequantize_range(0, T)
+    qv = q.view(B, H, G, 1, D)
+    s = torch.einsum("bhgqd,bhnd->bhgqn", qv, kd.float())
+    s[..., : layer.n_quant] += layer.qjl_scores(qv, 0, layer.n_quant)
+    p = torch.softmax(s * D**-0.5, -1)
+    expected = torch.einsum("bhgqn,bhnd->bhgqd", p, vd.float()).reshape(B, H * G, 1, D).transpose(1, 2)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert 0 < layer.n_quant < T
+
+
+def test_qjl_cache_generates_and_keeps_its_planes_through_reorder_and_crop():
+    model = make_model("llama", "turboquant")
+    ids = torch.randint(3, 256, (2, 80), generator=torch.Generator().manual_seed(5))
+    cache = TurboQuantCache(key_qjl=True)
+    with torch.no_grad():
+        ref = model(ids, **cache_kw(DynamicCache(config=model.config))).logits[:, -1]
+        out = model(ids[:, :-1], **cache_kw(cache))
+        out = model(ids[:, -1:], **cache_kw(out.past_key_values)).logits[:, -1]
+    assert ((out - ref).norm() / ref.norm()).item() < 0.2
+    layer = cache.layers[0]
+    assert layer.backend == "torch" and layer.k_qjl.shape[:3] == layer.k_codes.shape[:3]
+    qv = torch.randn(2, 2, 1, 1, 32)
+    before = layer.qjl_scores(qv, 0, layer.n_quant)
+    assert layer.nbytes() >= layer.k_qjl.numel() + 4 * layer.k_rnorm.numel()
+    layer.reorder_cache(torch.tensor([1, 0]))
+    torch.testing.assert_close(layer.qjl_scores(qv[[1, 0]], 0, layer.n_quant), before[[1, 0]], rtol=0, atol=0)
+    layer.crop(layer.n_quant - 5)  # keep the first n_quant - 5 tokens: quantized ones are dropped
+    # (same bits; a shorter einsum may sum in another order: 1 ulp)
+    torch.testing.assert_close(layer.qjl_scores(qv[[1, 0]], 0, layer.n_quant), before[[1, 0], ..., : layer.n_quant],
+                               rtol=1e-6, atol=1e-6)
