@@ -159,7 +159,7 @@ def quantize_pack(x, quantizer, codes, norms, offset, mean=None, block_t=16):
     if T == 0:
         return
     rot, cent, bnd = quantizer.tensors(x.device)
-    grid = (B * H, triton.cdiv(T, block_t))
+    grid = (B * H, -(-T // block_t))
     with on_device(x.device):
         _quantize_pack_kernel[grid](
             x, mean if mean is not None else rot, rot, bnd, cent, codes, norms,
@@ -181,7 +181,7 @@ def dequantize(codes, norms, quantizer, start, out, mean=None, block_t=32):
     if T == 0:
         return out
     rot, cent, _ = quantizer.tensors(codes.device)
-    grid = (B * H, triton.cdiv(T, block_t))
+    grid = (B * H, -(-T // block_t))
     with on_device(codes.device):
         _dequantize_kernel[grid](
             codes, norms, mean if mean is not None else rot, rot, cent, out,
