@@ -91,8 +91,8 @@ def _store_partial(mid_row, col0: tl.constexpr, acc, l, gmask):
 def _decode_stage1_kernel(
     # pointers
     Q,  # [B, Hq, 1, D] model dtype
-    Kc, Kn,  # [B, Hkv, C, D*KBITS/8] uint8, [B, Hkv, C] fp32
-    Vc, Vn,  # [B, Hkv, C, D*VBITS/8] uint8, [B, Hkv, C] fp32
+    Kc, Kn,  # [B, Hkv, C, row bytes] uint8, [B, Hkv, C] fp32 ([B, Hkv, C, 2] for split codes)
+    Vc, Vn,  # likewise for values
     Kmean,  # [Hkv, D] fp32
     RotK,  # [D, D] fp32
     CentK, CentV,  # [2**KBITS], [2**VBITS] fp32
@@ -132,7 +132,7 @@ def _decode_stage1_kernel(
 ):
     # (batch, head) bases are 64-bit scalars; per-element offsets inside a plane stay int32.
     pid_bh = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(1)
+    split_id = tl.program_id(1)  # 0..num_splits-1: a chunk of the quantized positions; num_splits: the window
     num_splits = tl.num_programs(1) - 1
     b, h = pid_bh // Hkv, pid_bh % Hkv
     kc_base, kn_base = Kc + b * skcb + h * skch, Kn + b * sknb + h * sknh
@@ -147,11 +147,11 @@ def _decode_stage1_kernel(
     m = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_G], tl.float32)
     n_off = tl.arange(0, BLOCK_N)
-    mid_row = MidO + b * sob + (h * G + g[:, None]) * soh + split * sos
-    if split < num_splits:
+    mid_row = MidO + b * sob + (h * G + g[:, None]) * soh + split_id * sos
+    if split_id < num_splits:
         # Keys were centred before quantizing: q.k = q.mean + q_rot.(norm * c[idx]).
         q_mean = tl.sum(q * tl.load(Kmean + h * D + d, mask=dmask, other=0.0)[None, :], axis=1)
-        start = split * chunk
+        start = split_id * chunk
         end = tl.minimum(start + chunk, n_quant)
         if SPLIT:
             # Two channel sets of D/2 (outliers first, in KPerm's order), each in its own rotated space
@@ -226,7 +226,7 @@ def _decode_stage1_kernel(
         _store_partial(mid_row, 0, acc, l, gmask)
     # Empty or fully masked split: lse = -inf, output 0, so it weighs nothing in the merge.
     lse = tl.where(l > 0, m + tl.log(tl.where(l > 0, l, 1.0)), float("-inf"))
-    tl.store(MidL + b * slb + (h * G + g) * slh + split, lse, mask=gmask)
+    tl.store(MidL + b * slb + (h * G + g) * slh + split_id, lse, mask=gmask)
 
 
 @triton.jit
@@ -358,8 +358,8 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
     rot_k, cent_k, cent_k2 = kq.kernel_tensors(query.device)
     rot_v, cent_v, cent_v2 = vq.kernel_tensors(query.device)
     (kbits, kbits2, ksplit), (vbits, vbits2, vsplit) = kq.code_layout, vq.code_layout
-    # Before the first flush there are no code planes; any fp32/uint8/int64 tensor stands in (never read:
-    # no quantized split runs, and stage 2 permutes only what such splits wrote).
+    # Before the first flush there are no code planes, and without a window no window planes: any
+    # tensor of the right dtype stands in (never read: no quantized split runs / the window is empty).
     kc = layer.k_codes if layer.k_codes is not None else torch.empty(1, 1, 1, 1, dtype=torch.uint8,
                                                                     device=query.device)
     kn = layer.k_norms if layer.k_norms is not None else rot_k.view(1, 1, -1)
@@ -369,7 +369,7 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
     k_perm = layer.k_perm if split else kc
     v_perm = layer.v_perm if split else k_perm
     kmean = layer.k_mean if layer.k_mean is not None else rot_k
-    kw = layer.k_win if layer.k_win is not None else query.new_empty(1, 1, 1, 1)
+    kw = layer.k_win if layer.k_win is not None else ws.get("decode_no_window", (1, 1, 1, 1), query.dtype)
     vw = layer.v_win if layer.v_win is not None else kw
     mask_u8 = mask.view(torch.uint8) if mask is not None else kc.view(-1)[:1].view(1, 1)
     if precision is None:

@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tq_hf.codec import TurboQuantizer
+
 from .codes import load_codes, store_codes
 
 
@@ -143,8 +145,11 @@ def on_device(device: torch.device):
 def _check_planes(codes, norms, quantizer):
     if codes.dtype != torch.uint8 or codes.dim() != 4 or codes.stride(-1) != 1:
         raise ValueError("codes must be a uint8 [B, H, C, row_bytes] tensor with contiguous rows")
-    if codes.shape[-1] != quantizer.dim * quantizer.bits // 8:
-        raise ValueError(f"codes rows are {codes.shape[-1]} bytes, expected {quantizer.dim * quantizer.bits // 8}")
+    if not isinstance(quantizer, TurboQuantizer) or quantizer.mode != "mse":
+        raise ValueError("the Triton codec kernels read plain TurboQuant_mse codes, not "
+                         f"{type(quantizer).__name__}(mode={getattr(quantizer, 'mode', None)!r})")
+    if codes.shape[-1] != quantizer.row_bytes:
+        raise ValueError(f"codes rows are {codes.shape[-1]} bytes, expected {quantizer.row_bytes}")
     if norms.dtype != torch.float32 or norms.shape != codes.shape[:3]:
         raise ValueError("norms must be fp32 [B, H, C] matching codes")
 

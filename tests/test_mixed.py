@@ -17,7 +17,7 @@ def test_presets_are_2_5_and_3_5_bits_per_coordinate():
         cfg = TurboQuantConfig.from_preset(name)
         n = outlier_channel_count(128, cfg.outlier_fraction)
         assert SplitQuantizer(128, n, cfg.key_bits).bits_per_coordinate == bits
-    assert outlier_channel_count(80, 0.25) == 16  # rounded to whole bytes of codes
+    assert outlier_channel_count(80, 0.25) == 24  # 20 rounded half up to a multiple of 8
 
 
 def test_split_config_errors():
@@ -139,3 +139,18 @@ def test_split_preset_generates_through_the_triton_kernel(monkeypatch):
         scores[backend] = torch.stack(out.scores)
     assert len(calls) == 5 * model.config.num_hidden_layers  # every decode step of every layer
     torch.testing.assert_close(scores["triton"], scores["torch"], rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e-25])
+def test_outlier_channels_do_not_depend_on_the_scale(scale):
+    """Squares of |x| > 1e19 overflow and of |x| < 1e-19 underflow in fp32: channels are ranked at a
+    power-of-two scale, so extreme K/V pick the same outliers as ordinary ones."""
+    torch.manual_seed(0)
+    k = torch.randn(1, 2, 30, 64)
+    k[:, :, :, [3, 17, 40]] *= 20
+    perms = []
+    for s in (1.0, scale):
+        cache = TurboQuantCache("3.5bit", residual_length=0)
+        cache.update(k * s, k * s, 0)
+        perms.append(cache.layers[0].k_perm)
+    assert torch.equal(perms[0], perms[1])

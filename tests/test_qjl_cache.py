@@ -82,3 +82,15 @@ def test_qjl_cache_generates_and_keeps_its_planes_through_reorder_and_crop():
     # (same bits; a shorter einsum may sum in another order: 1 ulp)
     torch.testing.assert_close(layer.qjl_scores(qv[[1, 0]], 0, layer.n_quant), before[[1, 0], ..., : layer.n_quant],
                                rtol=1e-6, atol=1e-6)
+
+
+def test_vector_bytes_count_the_sketch():
+    from tq_hf.analysis import preset_table
+
+    cache = TurboQuantCache(residual_length=0, key_qjl=True)
+    cache.update(torch.randn(1, 1, 64, 128), torch.randn(1, 1, 64, 128), 0)
+    layer = cache.layers[0]
+    held = sum(getattr(layer, n)[:, :, :64].numel() * getattr(layer, n).element_size()
+               for n in ("k_codes", "k_norms", "k_qjl", "k_rnorm", "v_codes", "v_norms")) / 64
+    assert layer.key_quantizer.vector_bytes + layer.value_quantizer.vector_bytes == held == 140
+    assert preset_table(128, [TurboQuantConfig(key_qjl=True)])[0]["bytes_per_token_head"] == 140

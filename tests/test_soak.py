@@ -62,8 +62,9 @@ def test_generate_rounds_return_to_baseline(device):
         assert all(r() is None for r in held), "reset() left cache buffers alive"
         if device == "cuda":
             torch.cuda.synchronize()
-            # The first round creates what is meant to stay: the quantizers' per-device constants
-            # (rotations, codebooks) and the shared workspace. After it, only the workspace may grow.
+            # The first round creates what stays by design: the shared workspace, and allocations
+            # that torch keeps after a first use (e.g. the cuBLAS workspace, which the caching
+            # allocator counts). From then on, only the workspace may grow.
             if i == 0:
                 baseline_gpu = torch.cuda.memory_allocated() - ws.nbytes()
             assert torch.cuda.memory_allocated() <= baseline_gpu + ws.nbytes()

@@ -76,7 +76,8 @@ def demo(args) -> int:
         model, tokenizer, name = load_model(path, device, dtype, seed=args.seed)
     except ModelLoadError as e:
         # The library names the path "model path"; on the command line it is --model.
-        raise UsageError(str(e).replace("model path", "--model", 1)) from None
+        hint = " (--model random runs a random-weight model instead)" if args.model is None else ""
+        raise UsageError(str(e).replace("model path", "--model", 1) + hint) from None
 
     encoded = tokenizer(args.prompt, return_tensors="pt")
     inputs = {k: encoded[k].to(device) for k in ("input_ids", "attention_mask") if k in encoded}

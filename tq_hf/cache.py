@@ -87,7 +87,9 @@ def make_quantizers(config: TurboQuantConfig, head_dim: int):
 def _outliers_first(x: torch.Tensor, n_outlier: int) -> torch.Tensor:
     """Per head, the channel order `[H, D]` (int64) with the `n_outlier` channels of largest mean
     square over `x` `[B, H, T, D]` first; each set in ascending channel order."""
-    energy = x.square().mean(dim=(0, 2))
+    # Ranked at a power-of-two scale (exact): squares of |x| > ~1e19 would overflow to inf, of
+    # |x| < ~1e-19 underflow to 0, and topk would then pick arbitrary channels.
+    energy = torch.ldexp(x, -_exponent(x.abs().amax())).square().mean(dim=(0, 2))
     top = energy.topk(n_outlier, dim=-1).indices
     is_out = torch.zeros_like(energy, dtype=torch.bool).scatter_(-1, top, True)
     # a stable sort on "not an outlier" keeps each set in channel order
@@ -194,6 +196,12 @@ class TurboQuantLayer(CacheLayerMixin):
                     "fp32 norms could overflow; not caching them"
                 )
 
+    @property
+    def _codec_kernels(self) -> bool:
+        """Whether quantizing and dequantizing run the Triton kernels (split codes stay on PyTorch:
+        only the decode kernel reads them)."""
+        return self.backend == "triton" and not self.config.outlier_fraction
+
     # ------------------------------------------------------------------ writing
     def _reserve(self, needed: int) -> None:
         if needed <= self.capacity:
@@ -238,7 +246,7 @@ class TurboQuantLayer(CacheLayerMixin):
             self.v_perm = _outliers_first(v.float(), self.value_quantizer.n_outlier)
         self._reserve(self.n_quant + T)
         s = slice(self.n_quant, self.n_quant + T)
-        if self.backend == "triton" and not self.config.outlier_fraction:
+        if self._codec_kernels:
             from .kernels import quantize_pack
 
             quantize_pack(k, self.key_quantizer, self.k_codes, self.k_norms, self.n_quant, mean=self.k_mean)
@@ -349,7 +357,7 @@ class TurboQuantLayer(CacheLayerMixin):
         q_end = min(end, self.n_quant)
         if start < q_end:
             n = q_end - start
-            if self.backend == "triton" and not self.config.outlier_fraction:
+            if self._codec_kernels:
                 from .kernels import dequantize
 
                 dequantize(self.k_codes, self.k_norms, self.key_quantizer, start, k_out[:, :, :n], mean=self.k_mean)

@@ -16,7 +16,7 @@ of inner products: (b-1)-bit mse codes plus a 1-bit QJL sign sketch of the resid
     qjl = sign(S r),  S ~ N(0, 1)^{d x d}    seeded, independent of Pi; plus ||r|| (fp32)
     <q, x>  ~=  <q, x_mse> + ||r|| * sqrt(pi/2) / d * <S q, qjl>     (unbiased over S)
 
-It is not wired into TurboQuantCache or the kernels.
+The cache uses it for keys with `TurboQuantConfig(key_qjl=True)` (PyTorch path; no kernel reads it).
 """
 
 from __future__ import annotations
@@ -161,8 +161,8 @@ class TurboQuantizer:
         seed: seed of the rotation (and, in "prod" mode, of the QJL matrix S).
         norm_correction: store ||x|| / ||c[idx]|| so the dequantized vector has exactly ||x||. Off by
             default (the paper's form, which is MSE-optimal: at 1 bit correction raises MSE to ~0.40).
-        mode: "mse" (default): TurboQuant_mse. "prod": TurboQuant_prod (reference only: the cache and
-            the kernels do not use it).
+        mode: "mse" (default): TurboQuant_mse. "prod": TurboQuant_prod (the cache uses it for keys
+            with `key_qjl=True`, on the PyTorch path; the Triton kernels do not read it).
 
     `quantize(x)` takes `[..., dim]` and returns a dict with `codes` (uint8 `[..., dim*mse_bits/8]`),
     `norms` (fp32 `[...]`) and `dtype`; in "prod" mode also `qjl` (uint8 `[..., dim/8]`: the packed
@@ -184,7 +184,8 @@ class TurboQuantizer:
         # Bits of the Lloyd-Max codes: all of them for mse, one fewer for prod (the QJL bit).
         self.mse_bits = bits - 1 if mode == "prod" else bits
         self.row_bytes = packed_row_bytes(dim, self.mse_bits)  # bytes of one vector's (mse) codes
-        self.vector_bytes = self.row_bytes + 4  # stored per vector: codes and one fp32 norm
+        # stored per vector: codes and one fp32 norm (+ in "prod" mode the sketch and the residual norm)
+        self.vector_bytes = self.row_bytes + 4 + (dim // 8 + 4 if mode == "prod" else 0)
         self._per_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._qjl_per_device: dict[torch.device, torch.Tensor] = {}
 
@@ -287,9 +288,9 @@ class TurboQuantizer:
 
 
 def outlier_channel_count(dim: int, fraction: float) -> int:
-    """Channels of a `dim`-wide head that get the extra bit at `fraction` (a multiple of 8, so each
-    part's codes fill whole bytes, and at least 8 on each side)."""
-    n = 8 * round(dim * fraction / 8)
+    """Channels of a `dim`-wide head that get the extra bit at `fraction`: `dim * fraction` rounded
+    half up to a multiple of 8 (so each part's codes fill whole bytes), at least 8 on each side."""
+    n = 8 * math.floor(dim * fraction / 8 + 0.5)
     if not 8 <= n <= dim - 8:
         raise ValueError(f"outlier_fraction={fraction} leaves {n} of {dim} channels as outliers; each set needs "
                          "at least 8 channels")

@@ -69,6 +69,8 @@ class TurboQuantConfig:
         if self.outlier_fraction and max(self.key_bits, self.value_bits) == 8:
             raise ValueError("outlier channels take one more bit than the others: key_bits and value_bits must be "
                              "<= 7 with outlier_fraction > 0")
+        if not isinstance(self.key_qjl, bool):
+            raise TypeError(f"key_qjl must be a bool, got {self.key_qjl!r}")
         if self.key_qjl and (self.key_bits < 2 or self.outlier_fraction or self.backend == "triton"):
             raise ValueError("key_qjl needs key_bits >= 2 (one bit is the QJL sketch), no outlier_fraction, and the "
                              f"PyTorch path (backend 'auto' or 'torch'); got key_bits={self.key_bits}, "
