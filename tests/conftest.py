@@ -145,3 +145,21 @@ def model_of(models):
     yield get
     for f, m in models.items():
         m.set_attn_implementation(original[f])
+
+
+@pytest.fixture
+def continuation_calls(monkeypatch):
+    """A list that records `(query length, history length)` of every continuation-prefill call (an
+    exact new chunk over cached history) of `tq_hf.attention.reference_attention`, which stays real."""
+    import tq_hf.attention as tq_attention
+
+    calls = []
+    real = tq_attention.reference_attention
+
+    def spy(query, layer, end, chunk_k=None, *args, **kwargs):
+        if chunk_k is not None:
+            calls.append((query.shape[2], end))
+        return real(query, layer, end, chunk_k, *args, **kwargs)
+
+    monkeypatch.setattr(tq_attention, "reference_attention", spy)
+    return calls

@@ -204,17 +204,8 @@ def test_beam_search(model_of, family, which_attn):
 # ------------------------------------------------------------------ multi-turn continuation
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("which_attn", ("dense", "turboquant"))
-def test_multi_turn_continuation(model_of, family, which_attn, monkeypatch):
+def test_multi_turn_continuation(model_of, family, which_attn, continuation_calls):
     """generate, append a new user turn, generate again from the same cache (continuation prefill)."""
-    continuation_calls = []
-    real = tq_attention.reference_attention
-
-    def spy(query, layer, end, chunk_k=None, *args, **kwargs):
-        if chunk_k is not None:
-            continuation_calls.append((query.shape[2], end))
-        return real(query, layer, end, chunk_k, *args, **kwargs)
-
-    monkeypatch.setattr(tq_attention, "reference_attention", spy)
     ids, mask = left_padded_batch((10, 6))
     g = torch.Generator().manual_seed(99)
     turn2 = torch.randint(3, VOCAB, (2, 7), generator=g)

@@ -114,20 +114,10 @@ def test_crop_accepts_tensor_counts():
 
 
 @pytest.mark.parametrize("attn", ("sdpa", "turboquant"))
-def test_chunked_prefill(model_as, attn, monkeypatch):
+def test_chunked_prefill(model_as, attn, continuation_calls):
     """generate(prefill_chunk_size=5): the prompt enters the cache in chunks, each attending to the cached
     ones through the continuation-prefill path of the "turboquant" attention."""
-    import tq_hf.attention as tq_attention
-
-    chunks = []
-    real = tq_attention.reference_attention
-
-    def spy(query, layer, end, chunk_k=None, *args, **kwargs):
-        if chunk_k is not None:
-            chunks.append((query.shape[2], end))
-        return real(query, layer, end, chunk_k, *args, **kwargs)
-
-    monkeypatch.setattr(tq_attention, "reference_attention", spy)
+    chunks = continuation_calls
     model = model_as("sdpa")
     ids, mask = left_padded_batch((17,))
     ref = model.generate(ids, attention_mask=mask, **greedy_kwargs(N_NEW), **cache_kw(DynamicCache()))
