@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from tq_hf import TurboQuantCache
+from tq_hf.cache import in_model_order
 from tq_hf.codec import TurboQuantizer, pack_codes
 
 CUDA = torch.cuda.is_available()
@@ -125,9 +126,8 @@ def _reference_kv(layer):
         return layer.k_win[:, :, : layer.n_window].float(), layer.v_win[:, :, : layer.n_window].float()
     k = kq.dequantize({"codes": layer.k_codes[:, :, :nq], "norms": layer.k_norms[:, :, :nq], "dtype": torch.float32})
     v = vq.dequantize({"codes": layer.v_codes[:, :, :nq], "norms": layer.v_norms[:, :, :nq], "dtype": torch.float32})
-    if layer.k_perm is not None:  # split codes: from outliers-first back to the model's channel order
-        k = torch.empty_like(k).scatter_(-1, layer.k_perm[None, :, None, :].expand(k.shape), k)
-        v = torch.empty_like(v).scatter_(-1, layer.v_perm[None, :, None, :].expand(v.shape), v)
+    if layer.k_perm is not None:  # split codes
+        k, v = in_model_order(k, layer.k_perm), in_model_order(v, layer.v_perm)
     k = k + layer.k_mean[None, :, None, :]
     if layer.n_window:
         k = torch.cat([k, layer.k_win[:, :, : layer.n_window].float()], 2)

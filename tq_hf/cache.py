@@ -96,6 +96,12 @@ def _outliers_first(x: torch.Tensor, n_outlier: int) -> torch.Tensor:
     return (~is_out).to(torch.int8).argsort(dim=-1, stable=True)
 
 
+def in_model_order(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """`x` `[B, H, T, D]` whose channels are in a split layer's order `perm` `[H, D]` (outliers
+    first; `x[..., c]` is channel `perm[h, c]`), back in the model's channel order."""
+    return torch.empty_like(x).scatter_(-1, perm[None, :, None, :].expand(x.shape), x)
+
+
 def tagged_layer(t: torch.Tensor):
     """The `TurboQuantLayer` that returned `t` from `update`, or None."""
     return getattr(t, "_tq_layer", None)
@@ -368,9 +374,8 @@ class TurboQuantLayer(CacheLayerMixin):
                     {"codes": self.k_codes[:, :, s], "norms": self.k_norms[:, :, s], "dtype": torch.float32})
                 v = self.value_quantizer.dequantize(
                     {"codes": self.v_codes[:, :, s], "norms": self.v_norms[:, :, s], "dtype": torch.float32})
-                if self.k_perm is not None:  # back from outliers-first to the model's channel order
-                    k = torch.empty_like(k).scatter_(-1, self.k_perm[None, :, None, :].expand(k.shape), k)
-                    v = torch.empty_like(v).scatter_(-1, self.v_perm[None, :, None, :].expand(v.shape), v)
+                if self.k_perm is not None:
+                    k, v = in_model_order(k, self.k_perm), in_model_order(v, self.v_perm)
                 k_out[:, :, :n] = k.add_(self.k_mean[None, :, None, :])
                 v_out[:, :, :n] = v
         w0, w1 = max(start, self.n_quant) - self.n_quant, end - self.n_quant
