@@ -157,7 +157,11 @@ def test_command_line_wiring(capsys):
         assert "needs a CUDA GPU" in capsys.readouterr().err
         assert bench.main_generate(["--device", "cuda"]) == 2
     assert bench.main_generate(["--layers", "0"]) == 2
+    assert bench.main_generate(["--gpus", "0"]) == 2
     assert bench.main([]) == 2
+    if torch.cuda.device_count() < 2:  # a split over more GPUs than there are is refused before any work
+        with pytest.raises(ValueError, match="needs 2 CUDA devices"):
+            bench.bench_generate([32], [1], ["4bit"], device="cpu", gpus=2, progress=False, **TINY)
 
 
 def test_tensor_bytes_counts_each_storage_once():

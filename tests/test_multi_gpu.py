@@ -228,3 +228,22 @@ def test_device_map_split_over_two_gpus(model_dir, monkeypatch):
                                     for d in layer_devices]
     assert set(workspaces()) == {torch.device("cuda", 0), torch.device("cuda", 1)}
     _check_against_single_device(result, model_dir, "cuda:0")
+
+
+@needs_two_gpus
+def test_bench_generate_over_two_gpus(tmp_path):
+    """`bench generate --gpus 2`: accelerate's balanced split puts layers (and so cache layers) on both GPUs,
+    every system's rows run, and memory is summed over the two GPUs."""
+    from tq_hf import bench
+
+    tiny = {"layers": 4, "hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 512}
+    result = bench.bench_generate([160], [2], ["4bit"], device="cuda", gpus=2, steps=2, warmup=1, attn_steps=1,
+                                  hf_backend="none", progress=False, **tiny)
+    assert result["environment"]["gpus"] == 2 and result["settings"]["gpus"] == 2
+    assert set(result["model"]["device_map"].values()) == {"0", "1"}
+    assert [r["system"] for r in result["rows"]] == ["DynamicCache bfloat16 + SDPA", "TurboQuant 4bit"]
+    for r in result["rows"]:
+        assert r["status"] == "ok", r["status"]
+        assert r["peak_mem_bytes"] > r["cache_bytes"] > 0 and "summed over GPUs" in r["memory_source"]
+

@@ -337,19 +337,24 @@ def _systems(model, presets, hf_backend, hf_nbits, tq_backend, dtype) -> list[_S
 
 
 def build_model(model_path: str | None = None, layers: int | None = None, device="cpu",
-                dtype: torch.dtype = torch.bfloat16, seed: int = 0, max_positions: int = 131072, **shape):
+                dtype: torch.dtype = torch.bfloat16, seed: int = 0, max_positions: int = 131072, gpus: int = 1,
+                **shape):
     """The benchmark's decoder and a description of it.
 
     Without `model_path`: a `LlamaForCausalLM` of the Llama-3-8B shape (`LLAMA3_8B_SHAPE`, with any
     field overridden by `shape`, e.g. `hidden_size=256`), random weights from `seed`, created directly
     on `device`. With `model_path`: a local checkpoint (`local_files_only=True`); `layers` keeps its
-    first N layers. Returns `(model, info)`; the model is in eval mode with attn "sdpa".
+    first N layers. `gpus` > 1: built on `device` (cuda:0), then split over cuda:0 .. cuda:gpus-1 by
+    `split_over_gpus`. Returns `(model, info)`; the model is in eval mode with attn "sdpa".
     """
     from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     import tq_hf  # noqa: F401  (registers the "turboquant" attention)
 
     device = torch.device(device)
+    if gpus > 1 and (device.type != "cuda" or torch.cuda.device_count() < gpus):
+        raise ValueError(f"gpus={gpus} needs {gpus} CUDA devices; {torch.cuda.device_count()} visible "
+                         f"(device {device})")
     if model_path is not None:
         if not os.path.isdir(model_path):
             raise ValueError(f"--model {model_path!r} is not a folder (only local checkpoints are loaded)")
@@ -377,6 +382,8 @@ def build_model(model_path: str | None = None, layers: int | None = None, device
         default = all(fields[k] == v for k, v in LLAMA3_8B_SHAPE.items())
         name = "Llama-3-8B shape, random weights" if default else "Llama shape from flags, random weights"
     model.eval()
+    if gpus > 1:
+        model = split_over_gpus(model, gpus)
     text = model.config.get_text_config(decoder=True)
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     info = {
@@ -390,20 +397,47 @@ def build_model(model_path: str | None = None, layers: int | None = None, device
         "vocab": text.vocab_size,
         "dtype": _dtype_name(dtype),
         "weights_bytes": _model_bytes(model),
+        "gpus": gpus,
     }
+    if gpus > 1:
+        info["device_map"] = {k: str(v) for k, v in model.hf_device_map.items()}
     return model, info
+
+
+def split_over_gpus(model, gpus: int):
+    """Dispatch `model` over cuda:0 .. cuda:gpus-1 with accelerate, as `from_pretrained(device_map=
+    "balanced")` does: whole decoder layers per GPU, about equal weight bytes on each, hooks that move
+    activations between GPUs. The KV cache follows its layer, so it splits the same way."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    no_split = model._no_split_modules
+    total = {i: torch.cuda.get_device_properties(i).total_memory for i in range(gpus)}
+    balanced = get_balanced_memory(model, max_memory=total, no_split_module_classes=no_split, low_zero=False)
+    device_map = infer_auto_device_map(model, max_memory=balanced, no_split_module_classes=no_split)
+    used = set(device_map.values())
+    if not used <= set(range(gpus)):
+        raise ValueError(f"the model does not fit {gpus} GPUs' memory: device_map uses {sorted(map(str, used))}")
+    model = dispatch_model(model, device_map)
+    model.hf_device_map = device_map
+    return model
+
+
+def _model_gpus(model) -> list[torch.device]:
+    """The CUDA devices holding the model's parameters (one, or the GPUs of a device_map split)."""
+    return sorted({p.device for p in model.parameters() if p.device.type == "cuda"}, key=lambda d: d.index)
 
 
 # ------------------------------------------------------------------------------------- measuring
 class _Timer:
-    """Wall-clock timer of a forward call: CUDA-synchronized on the GPU, plain perf_counter on CPU."""
+    """Wall-clock timer of a forward call: synchronized on every GPU in `gpus`, plain perf_counter on CPU."""
 
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+    def __init__(self, gpus: list[torch.device]):
+        self.gpus = gpus
 
     def sync(self):
-        if self.cuda:
-            torch.cuda.synchronize()
+        for d in self.gpus:
+            torch.cuda.synchronize(d)
 
     @contextlib.contextmanager
     def __call__(self, out: list):
@@ -412,6 +446,21 @@ class _Timer:
         yield
         self.sync()
         out.append(time.perf_counter() - t0)
+
+
+def _allocated(gpus) -> int:
+    return sum(torch.cuda.memory_allocated(d) for d in gpus)
+
+
+def _peak(gpus) -> int:
+    """Sum over `gpus` of each one's peak allocation since the last `_reset_peak` (each GPU has to hold
+    its own peak, so for capacity the sum is what counts even where the peaks come at different times)."""
+    return sum(torch.cuda.max_memory_allocated(d) for d in gpus)
+
+
+def _reset_peak(gpus) -> None:
+    for d in gpus:
+        torch.cuda.reset_peak_memory_stats(d)
 
 
 @contextlib.contextmanager
@@ -428,10 +477,13 @@ def _spans(model, cache, device):
     def timed(kind, fn):
         def wrapped(*args, **kwargs):
             if cuda:
+                # On the stream of the call's own GPU (layers of a device_map split run on several).
+                dev = next(a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+                stream = torch.cuda.current_stream(dev)
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
+                start.record(stream)
                 result = fn(*args, **kwargs)
-                end.record()
+                end.record(stream)
                 spans[kind].append((start, end))
             else:
                 t0 = time.perf_counter()
@@ -448,7 +500,8 @@ def _spans(model, cache, device):
 
     def totals():
         if cuda:
-            torch.cuda.synchronize()
+            for d in _model_gpus(model):
+                torch.cuda.synchronize(d)
             return tuple(sum(s.elapsed_time(e) for s, e in spans[k]) / 1e3 for k in ("attn", "update"))
         return tuple(sum(spans[k]) for k in ("attn", "update"))
 
@@ -481,8 +534,9 @@ def _forward(model, ids, cache, cache_kw):
 def _measure(model, system: _System, batch: int, context: int, opts: dict, device: torch.device,
              generator: torch.Generator) -> dict:
     """One (system, batch, context) row. Raises on OOM with `_phase` set on the exception."""
-    cuda = device.type == "cuda"
-    timer = _Timer(device)
+    gpus = _model_gpus(model) if device.type == "cuda" else []
+    cuda = bool(gpus)
+    timer = _Timer(gpus)
     cache_kw = _cache_kwarg(model)
     vocab = model.config.get_text_config(decoder=True).vocab_size
     row: dict = {}
@@ -501,20 +555,20 @@ def _measure(model, system: _System, batch: int, context: int, opts: dict, devic
     _free(device)
 
     ids = rand_ids(batch, context)
-    base = torch.cuda.memory_allocated() if cuda else None
+    base = _allocated(gpus) if cuda else None
     row["base_mem_bytes"] = base
     cache = system.make_cache()
     phase = "prefill"
     try:
         if cuda:
-            torch.cuda.reset_peak_memory_stats()
+            _reset_peak(gpus)
         t: list = []
         with timer(t):
             nxt = _forward(model, ids, cache, cache_kw)
         row["ttft_s"] = t[0]
         if cuda:
-            row["peak_mem_prefill_bytes"] = torch.cuda.max_memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
+            row["peak_mem_prefill_bytes"] = _peak(gpus)
+            _reset_peak(gpus)
         del ids
         phase = "decode"
         steps: list = []
@@ -525,7 +579,7 @@ def _measure(model, system: _System, batch: int, context: int, opts: dict, devic
             if i >= opts["warmup"]:
                 steps.append(dt[0])
         if cuda:
-            row["peak_mem_decode_bytes"] = torch.cuda.max_memory_allocated()
+            row["peak_mem_decode_bytes"] = _peak(gpus)
             row["peak_mem_bytes"] = max(row["peak_mem_prefill_bytes"], row["peak_mem_decode_bytes"])
         step = statistics.median(steps)
         row.update(
@@ -572,7 +626,7 @@ def bench_generate(contexts=DEFAULT_CONTEXTS, batches=DEFAULT_BATCHES, presets=D
                    model=None, model_path=None, layers=None, device="auto", dtype="auto",
                    hf_backend="auto", hf_nbits=4, tq_backend="auto", steps=10, warmup=3, attn_steps=2,
                    warmup_context=256, budget_bytes=None, time_budget_s=None, seed=0, progress=True,
-                   out_dir=None, name="generate", on_row=None, **shape) -> dict:
+                   out_dir=None, name="generate", on_row=None, gpus=1, **shape) -> dict:
     """Prefill + decode of a whole decoder with each cache system; see the module docstring.
 
     Args:
@@ -581,7 +635,8 @@ def bench_generate(contexts=DEFAULT_CONTEXTS, batches=DEFAULT_BATCHES, presets=D
         presets: TurboQuant presets (each with attn_implementation="turboquant").
         model: an already built decoder (else one is built by `build_model(model_path, layers, ...)`,
             `shape` overriding fields of the Llama-3-8B shape, e.g. hidden_size=256).
-        device: "auto" (cuda if present), "cuda" or "cpu". dtype: "auto" (bf16 on CUDA, fp32 on CPU),
+        device: "auto" (cuda if present), "cuda" or "cpu". gpus: split the built model's layers over this
+            many GPUs (`split_over_gpus`); memory is then summed over them. dtype: "auto" (bf16 on CUDA, fp32 on CPU),
             a name ("bfloat16") or a torch dtype.
         hf_backend: HF QuantizedCache backend: "auto" (first of quanto, hqq, fp8 that is installed),
             one of them, or "none". hf_nbits: its bits (quanto/hqq).
@@ -610,7 +665,7 @@ def bench_generate(contexts=DEFAULT_CONTEXTS, batches=DEFAULT_BATCHES, presets=D
         TurboQuantConfig.from_preset(p)  # unknown names raise here, before the model is built
     if model is None:
         model, info = build_model(model_path, layers, device, dtype, seed,
-                                  max_positions=max(contexts) + warmup + steps + attn_steps + 16, **shape)
+                                  max_positions=max(contexts) + warmup + steps + attn_steps + 16, gpus=gpus, **shape)
     else:
         info = {"model": type(model).__name__, "dtype": _dtype_name(dtype), "weights_bytes": _model_bytes(model)}
         text = model.config.get_text_config(decoder=True)
@@ -620,8 +675,10 @@ def bench_generate(contexts=DEFAULT_CONTEXTS, batches=DEFAULT_BATCHES, presets=D
     env = environment()
     env.update(device=device.type, python=platform.python_version(), cuda=torch.version.cuda)
     if cuda:
-        props = torch.cuda.get_device_properties(device)
-        env.update(gpu=props.name, gpu_memory_bytes=props.total_memory)
+        gpu_list = _model_gpus(model) or [device]
+        props = [torch.cuda.get_device_properties(d) for d in gpu_list]
+        env.update(gpu=props[0].name + (f" x{len(props)}" if len(props) > 1 else ""), gpus=len(props),
+                   gpu_memory_bytes=sum(p.total_memory for p in props))
     else:
         env.update(gpu="none (CPU run)", cpu=platform.processor() or platform.machine() or "cpu")
     if budget_bytes is None:
@@ -629,7 +686,7 @@ def bench_generate(contexts=DEFAULT_CONTEXTS, batches=DEFAULT_BATCHES, presets=D
             budget_bytes = env["gpu_memory_bytes"]
         else:
             budget_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    settings = {"contexts": contexts, "batches": batches, "presets": list(presets), "hf_backend": hf_backend,
+    settings = {"contexts": contexts, "batches": batches, "presets": list(presets), "gpus": env.get("gpus", 0), "hf_backend": hf_backend,
                 "hf_nbits": hf_nbits, "tq_backend": tq_backend, "steps": steps, "warmup": warmup,
                 "attn_steps": attn_steps, "warmup_context": warmup_context, "budget_bytes": budget_bytes,
                 "time_budget_s": time_budget_s, "seed": seed}
@@ -649,7 +706,8 @@ def bench_generate(contexts=DEFAULT_CONTEXTS, batches=DEFAULT_BATCHES, presets=D
                 row = {**env, **{k: info.get(k) for k in ("model", "layers", "dtype")},
                        "system": system.name, "attn": system.attn, "batch": batch, "context": context,
                        "cpu": not cuda, "timer": "perf_counter + cuda.synchronize" if cuda else "perf_counter",
-                       "memory_source": "torch.cuda.max_memory_allocated" if cuda else "cache bytes only (no CUDA allocator)"}
+                       "memory_source": ("torch.cuda.max_memory_allocated" + (" summed over GPUs" if gpus > 1 else "")
+                                         if cuda else "cache bytes only (no CUDA allocator)")}
                 status = "ok"
                 try:
                     if system.unavailable:
@@ -947,6 +1005,8 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParse
     g.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default="auto",
                    help="default: bfloat16 on cuda, float32 on cpu")
     g.add_argument("--seed", type=int, default=0, help="seed of weights and token ids (default 0)")
+    g.add_argument("--gpus", type=int, default=1, metavar="N",
+                   help="split the layers over N GPUs with accelerate (balanced device_map; default 1)")
     g = p.add_argument_group("grid")
     g.add_argument("--contexts", nargs="+", type=_size, default=list(DEFAULT_CONTEXTS), metavar="N",
                    help="prompt lengths, e.g. 4K 16K 32K 64K (default)")
@@ -984,7 +1044,7 @@ def run_generate(args: argparse.Namespace) -> int:
         png = os.path.splitext(args.plot_only)[0] + ".png"
         print(plot_generate(args.plot_only, png))
         return 0
-    for flag in ("steps", "layers"):
+    for flag in ("steps", "layers", "gpus"):
         v = getattr(args, flag)
         if v is not None and v < 1:
             print(f"bench generate: error: --{flag} must be >= 1, got {v}", file=sys.stderr)
@@ -993,7 +1053,8 @@ def run_generate(args: argparse.Namespace) -> int:
         print("bench generate: error: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    name = args.name or ("generate_" + (_slug(torch.cuda.get_device_name(device)) if device.type == "cuda" else "cpu"))
+    name = args.name or ("generate_" + (_slug(torch.cuda.get_device_name(device)) if device.type == "cuda" else "cpu")
+                         + (f"_x{args.gpus}" if args.gpus > 1 else ""))
 
     def log_row(r):  # without a progress bar, one line per finished row (readable in a log file)
         print(f"[{time.strftime('%H:%M:%S')}] {r['system']} B={r['batch']} ctx={_fmt_ctx(r['context'])}: "
@@ -1008,7 +1069,7 @@ def run_generate(args: argparse.Namespace) -> int:
             steps=args.steps, warmup=args.warmup, attn_steps=args.attn_steps,
             budget_bytes=None if args.budget_gib is None else int(args.budget_gib * _GIB),
             time_budget_s=args.time_budget, seed=args.seed, progress=not args.no_progress, out_dir=args.out,
-            name=name, on_row=log_row if args.no_progress else None, hidden_size=args.hidden, intermediate_size=args.intermediate,
+            name=name, on_row=log_row if args.no_progress else None, gpus=args.gpus, hidden_size=args.hidden, intermediate_size=args.intermediate,
             num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, head_dim=args.head_dim,
             vocab_size=args.vocab)
     except ValueError as e:
