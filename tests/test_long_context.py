@@ -39,7 +39,9 @@ def test_needles_found_in_a_128k_context():
     cache = TurboQuantCache()  # default preset (4bit)
     k, v = keys.to(device, torch.bfloat16), values.to(device, torch.bfloat16)
     cache.update(k[:, :, :-1], v[:, :, :-1], 0)  # the prompt
+    cache.layers[0].claim()  # what the prompt's "turboquant" attention does in a model
     k_new, v_new = cache.update(k[:, :, -1:], v[:, :, -1:], 0)  # one decode step
+    assert k_new._tq_layer is cache.layers[0]  # tagged: the attention reads codes, not dequantized K/V
     module = torch.nn.Module()
     out, _ = turboquant_attention_forward(module, query.to(device, torch.bfloat16), k_new, v_new, None,
                                           scaling=D**-0.5)
@@ -60,7 +62,9 @@ def test_needle_decode_reads_no_dense_copy_of_the_context():
     cache = TurboQuantCache()
     k = torch.randn(1, 1, T, D, device="cuda", dtype=torch.bfloat16)
     cache.update(k[:, :, :-1], k[:, :, :-1], 0)
+    cache.layers[0].claim()  # what the prompt's "turboquant" attention does in a model
     k_new, v_new = cache.update(k[:, :, -1:], k[:, :, -1:], 0)
+    assert k_new._tq_layer is cache.layers[0]
     q = torch.randn(1, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
     turboquant_attention_forward(torch.nn.Module(), q, k_new, v_new, None)  # warm-up: compile, workspace
     torch.cuda.synchronize()

@@ -11,6 +11,8 @@ from transformers import DynamicCache
 from tq_hf import TurboQuantCache, TurboQuantConfig
 from tq_hf.codec import SplitQuantizer, TurboQuantizer, outlier_channel_count
 
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # backend="triton" on CPU runs under the interpreter
+
 
 def test_presets_are_2_5_and_3_5_bits_per_coordinate():
     for name, bits in (("2.5bit", 2.5), ("3.5bit", 3.5)):
@@ -27,7 +29,7 @@ def test_split_config_errors():
         TurboQuantConfig(key_bits=8, outlier_fraction=0.5)
     cache = TurboQuantCache("2.5bit", backend="triton", outlier_fraction=0.25)
     with pytest.raises(ValueError, match="reads split codes only for outlier_fraction=0.5"):
-        cache.update(torch.randn(1, 1, 4, 128), torch.randn(1, 1, 4, 128), 0)
+        cache.update(torch.randn(1, 1, 4, 128, device=DEV), torch.randn(1, 1, 4, 128, device=DEV), 0)
     with pytest.raises(ValueError, match="at least 8"):
         outlier_channel_count(64, 0.01)
 
@@ -126,8 +128,8 @@ def test_split_preset_generates_through_the_triton_kernel(monkeypatch):
     CPU), giving the reference path's logits."""
     from tq_hf.kernels import decode as decode_module
 
-    model = make_model("llama", "turboquant", hidden_size=256)  # head_dim 64
-    ids = torch.randint(3, 256, (2, 40), generator=torch.Generator().manual_seed(4))
+    model = make_model("llama", "turboquant", hidden_size=256).to(DEV)  # head_dim 64
+    ids = torch.randint(3, 256, (2, 40), generator=torch.Generator().manual_seed(4)).to(DEV)
     calls = []
     real = decode_module.decode_attention
     monkeypatch.setattr(decode_module, "decode_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
