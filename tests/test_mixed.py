@@ -109,18 +109,17 @@ def test_split_presets_generate_close_to_dynamic_cache(preset):
     assert all(layer.backend == "torch" and layer.k_perm is not None for layer in cache.layers)
 
 
-def test_split_codes_stay_on_the_reference_path_by_default():
-    """`backend="auto"` keeps split presets on PyTorch (their kernel has not run on a GPU yet); the decode
-    kernel itself refuses splits it cannot read."""
+def test_auto_backend_of_split_codes():
+    """`backend="auto"` gives split presets the decode kernel on CUDA where it reads them (half/half, a
+    power-of-two head_dim) and the reference path elsewhere; the kernel itself refuses other splits."""
     from tq_hf.kernels import decode_attention
 
-    cache = TurboQuantCache("2.5bit", residual_length=0)
-    cache.update(torch.randn(1, 1, 16, 64), torch.randn(1, 1, 16, 64), 0)
-    assert cache.layers[0].backend == "torch"
-    cache = TurboQuantCache("2.5bit", residual_length=0, outlier_fraction=0.25)
-    cache.update(torch.randn(1, 1, 16, 64), torch.randn(1, 1, 16, 64), 0)
+    for fraction, head_dim, kernel in ((0.5, 64, True), (0.5, 80, False), (0.25, 64, False)):
+        cache = TurboQuantCache("2.5bit", residual_length=0, outlier_fraction=fraction)
+        cache.update(torch.randn(1, 1, 16, head_dim, device=DEV), torch.randn(1, 1, 16, head_dim, device=DEV), 0)
+        assert cache.layers[0].backend == ("triton" if kernel and DEV == "cuda" else "torch")
     with pytest.raises(ValueError, match="half/half splits"):
-        decode_attention(torch.randn(1, 2, 1, 64), cache.layers[0])
+        decode_attention(torch.randn(1, 2, 1, 64, device=DEV), cache.layers[0])
 
 
 def test_split_preset_generates_through_the_triton_kernel(monkeypatch):
@@ -156,3 +155,22 @@ def test_outlier_channels_do_not_depend_on_the_scale(scale):
         cache.update(k * s, k * s, 0)
         perms.append(cache.layers[0].k_perm)
     assert torch.equal(perms[0], perms[1])
+
+
+@pytest.mark.parametrize("preset", ["3.5bit", "4bit"])
+def test_reference_quantize_in_slices_is_the_same(monkeypatch, preset):
+    """The PyTorch path quantizes a long chunk a slice of tokens at a time (bounded temporaries): the planes
+    are the same as in one piece."""
+    from tq_hf import cache as cache_module
+
+    k, v = torch.randn(2, 3, 50, 64), torch.randn(2, 3, 50, 64)
+    planes = []
+    for vectors in (1 << 16, 7 * 6):  # one piece; slices of 7 tokens (B * H = 6)
+        monkeypatch.setattr(cache_module, "_QUANTIZE_VECTORS", vectors)
+        c = TurboQuantCache(preset, residual_length=0, backend="torch")
+        c.update(k, v, 0)
+        layer = c.layers[0]
+        planes.append([t[:, :, :50].clone() for t in (layer.k_codes, layer.k_norms, layer.v_codes, layer.v_norms)])
+    for a, b in zip(*planes):
+        assert torch.equal(a, b)
+

@@ -53,6 +53,7 @@ _ALIGN = 64  # tokens
 # Largest |K|, |V| element accepted: beyond it an fp32 norm (<= |x|max * 2 * sqrt(head_dim) with key
 # mean-centring) could overflow. 1e36 keeps head dims up to 4096 safe; real activations are < 1e5.
 MAX_ABS = 1e36
+_QUANTIZE_VECTORS = 1 << 16  # vectors per slice of the PyTorch quantize path (bounds its temporaries)
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
@@ -150,16 +151,17 @@ class TurboQuantLayer(CacheLayerMixin):
         cfg = self.config
         self.batch_size, self.num_heads, _, self.head_dim = key_states.shape
         self.dtype, self.device = key_states.dtype, key_states.device
-        # Split codes (outlier channels): "auto" keeps the reference path, since their Triton decode has
-        # not run on a GPU yet; "triton" asks for it (quantizing and dequantizing stay on PyTorch).
-        torch_only = (cfg.outlier_fraction or cfg.key_qjl) and cfg.backend == "auto"  # QJL: no kernel at all
-        self.backend = "torch" if torch_only else _resolve_backend(cfg.backend, self.device)
         try:
             self.key_quantizer, self.value_quantizer = make_quantizers(cfg, self.head_dim)
         except ValueError as e:
             raise ValueError(
                 f"layer {self.layer_idx}: TurboQuantCache cannot quantize head_dim={self.head_dim}: {e}"
             ) from None
+        # "auto" keeps the reference path where no kernel reads the codes: QJL keys, and split codes other
+        # than half/half at a power-of-two head_dim (split codes the decode kernel reads are quantized and
+        # dequantized on PyTorch, only decode attention runs the kernel).
+        no_kernel = cfg.key_qjl or (cfg.outlier_fraction and not self.key_quantizer.kernel_readable)
+        self.backend = "torch" if no_kernel and cfg.backend == "auto" else _resolve_backend(cfg.backend, self.device)
         if self.backend == "triton" and cfg.outlier_fraction and not self.key_quantizer.kernel_readable:
             raise ValueError(
                 f"layer {self.layer_idx}: backend='triton' reads split codes only for outlier_fraction=0.5 and a "
@@ -251,32 +253,40 @@ class TurboQuantLayer(CacheLayerMixin):
             self.k_perm = _outliers_first(k.float() - self.k_mean[None, :, None, :], self.key_quantizer.n_outlier)
             self.v_perm = _outliers_first(v.float(), self.value_quantizer.n_outlier)
         self._reserve(self.n_quant + T)
-        s = slice(self.n_quant, self.n_quant + T)
         if self._codec_kernels:
             from .kernels import quantize_pack
 
             quantize_pack(k, self.key_quantizer, self.k_codes, self.k_norms, self.n_quant, mean=self.k_mean)
             quantize_pack(v, self.value_quantizer, self.v_codes, self.v_norms, self.n_quant)
         else:
-            for x, qz, codes, norms, mean, perm in (
-                (k, self.key_quantizer, self.k_codes, self.k_norms, self.k_mean, self.k_perm),
-                (v, self.value_quantizer, self.v_codes, self.v_norms, None, self.v_perm),
-            ):
-                x = x.float() - mean[None, :, None, :] if mean is not None else x.float()
-                if perm is not None:
-                    x = x.gather(-1, perm[None, :, None, :].expand(x.shape))
-                # ||x|| in fp32 overflows once |x_i| passes ~1e19 (and underflows below ~1e-19). Scaling
-                # each vector by a power of two first is exact: ordinary vectors get the same codes and
-                # norm bits, huge and tiny ones stay finite.
-                e = _exponent(x.abs().amax(dim=-1, keepdim=True))
-                q = qz.quantize(torch.ldexp(x, -e))
-                codes[:, :, s] = q["codes"]
-                # split codes keep two norms per vector, [..., 2]: e [..., 1] broadcasts over them
-                norms[:, :, s] = torch.ldexp(q["norms"], e if q["norms"].dim() == e.dim() else e.squeeze(-1))
-                if "qjl" in q:  # key_qjl: the residual's sketch and norm (the residual scales with x)
-                    self.k_qjl[:, :, s] = q["qjl"]
-                    self.k_rnorm[:, :, s] = torch.ldexp(q["residual_norms"], e.squeeze(-1))
+            # The reference codec's temporaries take ~KBs per vector (one-hot bit streams, distances to
+            # every centroid): a long prefill is quantized a slice of tokens at a time.
+            step = max(1, _QUANTIZE_VECTORS // (self.batch_size * self.num_heads))
+            for t0 in range(0, T, step):
+                self._quantize_slice(k[:, :, t0 : t0 + step], v[:, :, t0 : t0 + step], self.n_quant + t0)
         self.n_quant += T
+
+    def _quantize_slice(self, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
+        """PyTorch path: quantize `k`, `v` `[B, H, T, D]` into positions [start, start + T) of the planes."""
+        s = slice(start, start + k.shape[2])
+        for x, qz, codes, norms, mean, perm in (
+            (k, self.key_quantizer, self.k_codes, self.k_norms, self.k_mean, self.k_perm),
+            (v, self.value_quantizer, self.v_codes, self.v_norms, None, self.v_perm),
+        ):
+            x = x.float() - mean[None, :, None, :] if mean is not None else x.float()
+            if perm is not None:
+                x = x.gather(-1, perm[None, :, None, :].expand(x.shape))
+            # ||x|| in fp32 overflows once |x_i| passes ~1e19 (and underflows below ~1e-19). Scaling
+            # each vector by a power of two first is exact: ordinary vectors get the same codes and
+            # norm bits, huge and tiny ones stay finite.
+            e = _exponent(x.abs().amax(dim=-1, keepdim=True))
+            q = qz.quantize(torch.ldexp(x, -e))
+            codes[:, :, s] = q["codes"]
+            # split codes keep two norms per vector, [..., 2]: e [..., 1] broadcasts over them
+            norms[:, :, s] = torch.ldexp(q["norms"], e if q["norms"].dim() == e.dim() else e.squeeze(-1))
+            if "qjl" in q:  # key_qjl: the residual's sketch and norm (the residual scales with x)
+                self.k_qjl[:, :, s] = q["qjl"]
+                self.k_rnorm[:, :, s] = torch.ldexp(q["residual_norms"], e.squeeze(-1))
 
     def _append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         R, W, T = self.config.residual_length, self.n_window, k.shape[2]
