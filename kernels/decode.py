@@ -22,7 +22,7 @@ import triton.language as tl
 
 from tq_hf.workspace import get_workspace
 
-from .codes import load_code_rows
+from .codes import load_code_rows, load_pair_indices
 from .quantize import on_device
 
 _NEG_INF = float("-inf")
@@ -36,6 +36,19 @@ def _dot(a, b, PRECISION: tl.constexpr):
         return tl.dot(a.to(tl.float16), b.to(tl.float16))
     else:
         return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _centroid_rows(base, row_off, row_mask, Table, D: tl.constexpr, BLOCK_D: tl.constexpr, BITS: tl.constexpr,
+                   PAIRED: tl.constexpr):
+    """The centroids of whole code rows, `[BLOCK_N, BLOCK_D]`. PAIRED (`_paired`): Table is the pair table
+    `[2**(2*BITS), 2]` and one gather fetches the centroids of two codes; else Table is the centroids."""
+    if PAIRED:
+        pair = load_pair_indices(base, row_off, row_mask, D, BITS)
+        vals = tl.load(Table + pair[:, :, None] * 2 + tl.arange(0, 2)[None, None, :])
+        return tl.reshape(vals, (row_off.shape[0], D))
+    else:
+        return tl.load(Table + load_code_rows(base, row_off, row_mask, D, BLOCK_D, BITS))
 
 
 @triton.jit
@@ -95,8 +108,8 @@ def _decode_stage1_kernel(
     Vc, Vn,  # likewise for values
     Kmean,  # [Hkv, D] fp32
     RotK,  # [D, D] fp32
-    CentK, CentV,  # [2**KBITS], [2**VBITS] fp32
-    CentK2, CentV2,  # split codes: the normal channels' centroids, [2**KBITS2], [2**VBITS2] (read if SPLIT)
+    TabK, TabV,  # centroid tables (`_code_table`) of the key / value codes (of the outlier set if SPLIT)
+    TabK2, TabV2,  # split codes: those of the normal set (read if SPLIT)
     KPerm,  # [Hkv, D] int64: channel order of the split key codes, outliers first (read if SPLIT)
     Kw, Vw,  # [B, Hkv, R, D] model dtype: the exact window
     Mask,  # [B, kv] uint8, 1 = attend (read if HAS_MASK)
@@ -129,6 +142,10 @@ def _decode_stage1_kernel(
     VBITS2: tl.constexpr,
     KSPLIT: tl.constexpr,
     VSPLIT: tl.constexpr,
+    KPAIR: tl.constexpr,  # whether TabK is a pair table (`_paired`); likewise the others
+    VPAIR: tl.constexpr,
+    KPAIR2: tl.constexpr,
+    VPAIR2: tl.constexpr,
 ):
     # (batch, head) bases are 64-bit scalars; per-element offsets inside a plane stay int32.
     pid_bh = tl.program_id(0).to(tl.int64)
@@ -167,8 +184,8 @@ def _decode_stage1_kernel(
             for n0 in range(start, end, BLOCK_N):
                 n = n0 + n_off
                 nmask = n < end
-                ka = tl.load(CentK + load_code_rows(kc_base, n * skct, nmask, HALF, HALF, KBITS))
-                kb = tl.load(CentK2 + load_code_rows(kc_base + KSPLIT, n * skct, nmask, HALF, HALF, KBITS2))
+                ka = _centroid_rows(kc_base, n * skct, nmask, TabK, HALF, HALF, KBITS, KPAIR)
+                kb = _centroid_rows(kc_base + KSPLIT, n * skct, nmask, TabK2, HALF, HALF, KBITS2, KPAIR2)
                 s = _dot(qa, tl.trans(ka), DOT_PRECISION) * tl.load(kn_base + n * sknt, mask=nmask, other=0.0)[None, :]
                 s += _dot(qb, tl.trans(kb), DOT_PRECISION) * tl.load(kn_base + n * sknt + 1, mask=nmask,
                                                                        other=0.0)[None, :]
@@ -177,8 +194,8 @@ def _decode_stage1_kernel(
                     keep &= tl.load(mask_base + n * smk, mask=nmask, other=0) != 0
                 s = _finish_scores(s + q_mean[:, None], keep, softcap, HAS_SOFTCAP)
                 m, l, alpha, p = _softmax_update(s, m, l)
-                va = tl.load(CentV + load_code_rows(vc_base, n * svct, nmask, HALF, HALF, VBITS))
-                vb = tl.load(CentV2 + load_code_rows(vc_base + VSPLIT, n * svct, nmask, HALF, HALF, VBITS2))
+                va = _centroid_rows(vc_base, n * svct, nmask, TabV, HALF, HALF, VBITS, VPAIR)
+                vb = _centroid_rows(vc_base + VSPLIT, n * svct, nmask, TabV2, HALF, HALF, VBITS2, VPAIR2)
                 vna = tl.load(vn_base + n * svnt, mask=nmask, other=0.0)
                 vnb = tl.load(vn_base + n * svnt + 1, mask=nmask, other=0.0)
                 acc_a = acc_a * alpha[:, None] + _dot(p * vna[None, :], va, DOT_PRECISION)
@@ -192,7 +209,7 @@ def _decode_stage1_kernel(
             for n0 in range(start, end, BLOCK_N):
                 n = n0 + n_off
                 nmask = n < end
-                kc = tl.load(CentK + load_code_rows(kc_base, n * skct, nmask, D, BLOCK_D, KBITS))
+                kc = _centroid_rows(kc_base, n * skct, nmask, TabK, D, BLOCK_D, KBITS, KPAIR)
                 if D != BLOCK_D:
                     kc = tl.where(dmask[None, :], kc, 0.0)
                 s = _dot(q_rot, tl.trans(kc), DOT_PRECISION)
@@ -202,7 +219,7 @@ def _decode_stage1_kernel(
                     keep &= tl.load(mask_base + n * smk, mask=nmask, other=0) != 0
                 s = _finish_scores(s * kn[None, :] + q_mean[:, None], keep, softcap, HAS_SOFTCAP)
                 m, l, alpha, p = _softmax_update(s, m, l)
-                v = tl.load(CentV + load_code_rows(vc_base, n * svct, nmask, D, BLOCK_D, VBITS))
+                v = _centroid_rows(vc_base, n * svct, nmask, TabV, D, BLOCK_D, VBITS, VPAIR)
                 if D != BLOCK_D:
                     v = tl.where(dmask[None, :], v, 0.0)
                 vn = tl.load(vn_base + n * svnt, mask=nmask, other=0.0)
@@ -284,6 +301,31 @@ def _decode_stage2_kernel(
         o = o / den[:, None]
         tl.store(Out + b * sub + hq[:, None] * suh + c[None, :], o.to(Out.dtype.element_ty),
                  mask=gmask[:, None] & cmask[None, :])
+
+
+def _paired(bits: int, d: int) -> bool:
+    """Whether rows of `d` codes of `bits` bits are read through a pair table: 2-4 bits (a table of
+    2**(2*bits) pairs stays in L1), whole rows of 32-bit words (`load_pair_indices`)."""
+    return 2 <= bits <= 4 and d >= 32 and d & (d - 1) == 0
+
+
+_PAIR_TABLES: dict = {}
+
+
+def _code_table(cent: torch.Tensor, bits: int, d: int, dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
+    """(table, paired) that the kernel gathers the centroids `cent` [2**bits] (fp32) of `d`-code rows
+    from: the pair table T[P] = (cent[P & (2**bits - 1)], cent[P >> bits]), `[2**(2*bits), 2]` in
+    `dtype`, where `_paired`, else `cent` itself. One gather then fetches two codes' centroids: ~35 %
+    fewer instructions per tile, 1.1x (4 bits) and 1.5x (3 bits) faster on an H200. Built once per
+    centroid tensor and dtype (the entry holds `cent`, so its address is not reused by another)."""
+    if not _paired(bits, d):
+        return cent, False
+    key = (cent.data_ptr(), cent.device, bits, dtype)
+    if key not in _PAIR_TABLES:
+        p = torch.arange(1 << (2 * bits), device=cent.device)
+        table = torch.stack([cent[p & ((1 << bits) - 1)], cent[p >> bits]], -1).to(dtype).contiguous()
+        _PAIR_TABLES[key] = (cent, table)
+    return _PAIR_TABLES[key][1], True
 
 
 def _num_sms(device) -> int:
@@ -381,9 +423,16 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
     BLOCK_G = max(16, triton.next_power_of_2(G))
     if maxnreg is None and BLOCK_D <= 128 and num_warps == 8:
         maxnreg = 128
+    # With fp16 dot operands the pair tables hold fp16: the values tl.dot would round the centroids to.
+    table_dtype = torch.float16 if precision == "fp16" else torch.float32
+    width = D // 2 if split else D  # codes per row of one set
+    tab_k, kpair = _code_table(cent_k, kbits, width, table_dtype)
+    tab_v, vpair = _code_table(cent_v, vbits, width, table_dtype)
+    tab_k2, kpair2 = _code_table(cent_k2, kbits2, width, table_dtype) if split else (cent_k2, False)
+    tab_v2, vpair2 = _code_table(cent_v2, vbits2, width, table_dtype) if split else (cent_v2, False)
     with on_device(query.device):
         _decode_stage1_kernel[(B * Hkv, S + 1)](
-            query, kc, kn, vc, vn, kmean, rot_k, cent_k, cent_v, cent_k2, cent_v2, k_perm, kw, vw, mask_u8,
+            query, kc, kn, vc, vn, kmean, rot_k, tab_k, tab_v, tab_k2, tab_v2, k_perm, kw, vw, mask_u8,
             mid_o, mid_l,
             Hkv, layer.n_quant, layer.n_window, chunk, scaling if scaling is not None else D**-0.5,
             softcap or 0.0,
@@ -397,6 +446,7 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
             G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D, BLOCK_N=block_n, BLOCK_K=min(BLOCK_D, 64),
             KBITS=kbits, VBITS=vbits, HAS_MASK=mask is not None, HAS_SOFTCAP=bool(softcap),
             DOT_PRECISION=precision, SPLIT=split, KBITS2=kbits2, VBITS2=vbits2, KSPLIT=ksplit, VSPLIT=vsplit,
+            KPAIR=kpair, VPAIR=vpair, KPAIR2=kpair2, VPAIR2=vpair2,
             num_warps=num_warps, num_stages=num_stages,
             **({"maxnreg": maxnreg} if maxnreg else {}),
         )

@@ -240,6 +240,22 @@ def test_decode_window_only_and_deterministic(request):
     assert torch.equal(a, b) and not torch.equal(a, out)
 
 
+def test_pair_tables():
+    """The decode kernel gathers 2-4-bit codes two at a time from T[c0 | c1 << bits] = (cent[c0], cent[c1]);
+    other widths and non-power-of-two rows gather the centroids themselves."""
+    from tq_hf.kernels.decode import _code_table
+
+    cent = torch.randn(8)
+    table, paired = _code_table(cent, 3, 128, torch.float16)
+    assert paired and table.shape == (64, 2) and table.dtype == torch.float16
+    c0, c1 = torch.randint(0, 8, (2, 100))
+    assert torch.equal(table[c0 | c1 << 3], torch.stack([cent[c0], cent[c1]], -1).half())
+    assert _code_table(cent, 3, 128, torch.float16)[0] is table  # built once
+    for bits, d in ((1, 128), (8, 128), (3, 80), (4, 16)):
+        c = torch.randn(1 << bits)
+        assert _code_table(c, bits, d, torch.float32) == (c, False)
+
+
 def test_plan_splits():
     assert plan_splits(0, 8, 132, 64) == (0, 64)
     s, chunk = plan_splits(100_000, 8, 132, 64)
