@@ -14,6 +14,10 @@ D/2 channels each, in the head's own channel order (KPerm / VPerm, outliers firs
 own rotation (Pi is block-diagonal), codebook and norm. The query is permuted and rotated per set,
 scores add both sets' products, values accumulate per set, and stage 2 writes each output column
 back to its channel.
+
+QJL keys (TurboQuant_prod, QJL): the codes hold key_bits - 1 bits, and each quantized key's score gets
+||r|| sqrt(pi/2) / D * <S q, sign(S r)>, the unbiased estimate of <q, r> for the residual r the codes
+miss: S q is computed once per program like the rotated query, the signs are 1-bit code rows.
 """
 
 import torch
@@ -111,6 +115,8 @@ def _decode_stage1_kernel(
     TabK, TabV,  # centroid tables (`_code_table`) of the key / value codes (of the outlier set if SPLIT)
     TabK2, TabV2,  # split codes: those of the normal set (read if SPLIT)
     KPerm,  # [Hkv, D] int64: channel order of the split key codes, outliers first (read if SPLIT)
+    Kq, Kr,  # key_qjl: [B, Hkv, C, D/8] uint8 sign sketch of the residual, [B, Hkv, C] fp32 its norm (read if QJL)
+    Sqjl,  # key_qjl: the QJL matrix S [D, D] fp32 (read if QJL)
     Kw, Vw,  # [B, Hkv, R, D] model dtype: the exact window
     Mask,  # [B, kv] uint8, 1 = attend (read if HAS_MASK)
     MidO,  # [B, Hq, S + 1, BLOCK_D] fp32
@@ -120,6 +126,7 @@ def _decode_stage1_kernel(
     # strides
     sqb, sqh, sqd,
     skcb, skch, skct, sknb, sknh, sknt,
+    skqb, skqh, skqt, skrb, skrh, skrt,
     svcb, svch, svct, svnb, svnh, svnt,
     swb, swh, swt, swd,
     smb, smk,
@@ -146,6 +153,7 @@ def _decode_stage1_kernel(
     VPAIR: tl.constexpr,
     KPAIR2: tl.constexpr,
     VPAIR2: tl.constexpr,
+    QJL: tl.constexpr,  # TurboQuant_prod keys: add the QJL estimate of <q, residual> to the scores
 ):
     # (batch, head) bases are 64-bit scalars; per-element offsets inside a plane stay int32.
     pid_bh = tl.program_id(0).to(tl.int64)
@@ -205,6 +213,11 @@ def _decode_stage1_kernel(
         else:
             q_rot = _rotated_query(q_row, gmask, KPerm, RotK, sqd, scale, 0, D, BLOCK_G, BLOCK_D, BLOCK_K, D, False,
                                    DOT_PRECISION)
+            if QJL:
+                # ||r|| sqrt(pi/2) / D * <S q, sign(S r)>: the unbiased estimate of <q, r>, r = k - k_mse
+                q_sk = _rotated_query(q_row, gmask, KPerm, Sqjl, sqd, scale, 0, D, BLOCK_G, BLOCK_D, BLOCK_K, D,
+                                      False, DOT_PRECISION)
+                kq_base, kr_base = Kq + b * skqb + h * skqh, Kr + b * skrb + h * skrh
             acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
             for n0 in range(start, end, BLOCK_N):
                 n = n0 + n_off
@@ -214,10 +227,17 @@ def _decode_stage1_kernel(
                     kc = tl.where(dmask[None, :], kc, 0.0)
                 s = _dot(q_rot, tl.trans(kc), DOT_PRECISION)
                 kn = tl.load(kn_base + n * sknt, mask=nmask, other=0.0)
+                s = s * kn[None, :] + q_mean[:, None]
+                if QJL:
+                    sign = load_code_rows(kq_base, n * skqt, nmask, D, BLOCK_D, 1).to(tl.float32) * 2.0 - 1.0
+                    if D != BLOCK_D:
+                        sign = tl.where(dmask[None, :], sign, 0.0)
+                    rn = tl.load(kr_base + n * skrt, mask=nmask, other=0.0) * (1.2533141373155003 / D)  # sqrt(pi/2)/D
+                    s += _dot(q_sk, tl.trans(sign), DOT_PRECISION) * rn[None, :]
                 keep = nmask
                 if HAS_MASK:
                     keep &= tl.load(mask_base + n * smk, mask=nmask, other=0) != 0
-                s = _finish_scores(s * kn[None, :] + q_mean[:, None], keep, softcap, HAS_SOFTCAP)
+                s = _finish_scores(s, keep, softcap, HAS_SOFTCAP)
                 m, l, alpha, p = _softmax_update(s, m, l)
                 v = _centroid_rows(vc_base, n * svct, nmask, TabV, D, BLOCK_D, VBITS, VPAIR)
                 if D != BLOCK_D:
@@ -411,6 +431,9 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
     k_perm = layer.k_perm if split else kc
     v_perm = layer.v_perm if split else k_perm
     kmean = layer.k_mean if layer.k_mean is not None else rot_k
+    qjl = layer.config.key_qjl and layer.n_quant > 0
+    k_sketch, k_rnorm = (layer.k_qjl, layer.k_rnorm) if qjl else (kc, kn)
+    s_qjl = kq.qjl_tensor(query.device) if qjl else rot_k
     kw = layer.k_win if layer.k_win is not None else ws.get("decode_no_window", (1, 1, 1, 1), query.dtype)
     vw = layer.v_win if layer.v_win is not None else kw
     mask_u8 = mask.view(torch.uint8) if mask is not None else kc.view(-1)[:1].view(1, 1)
@@ -432,12 +455,14 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
     tab_v2, vpair2 = _code_table(cent_v2, vbits2, width, table_dtype) if split else (cent_v2, False)
     with on_device(query.device):
         _decode_stage1_kernel[(B * Hkv, S + 1)](
-            query, kc, kn, vc, vn, kmean, rot_k, tab_k, tab_v, tab_k2, tab_v2, k_perm, kw, vw, mask_u8,
+            query, kc, kn, vc, vn, kmean, rot_k, tab_k, tab_v, tab_k2, tab_v2, k_perm, k_sketch, k_rnorm, s_qjl,
+            kw, vw, mask_u8,
             mid_o, mid_l,
             Hkv, layer.n_quant, layer.n_window, chunk, scaling if scaling is not None else D**-0.5,
             softcap or 0.0,
             query.stride(0), query.stride(1), query.stride(3),
             *kc.stride()[:3], *kn.stride()[:3],
+            *k_sketch.stride()[:3], *k_rnorm.stride()[:3],
             *vc.stride()[:3], *vn.stride()[:3],
             *kw.stride(),
             *mask_u8.stride(),
@@ -446,7 +471,7 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
             G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D, BLOCK_N=block_n, BLOCK_K=min(BLOCK_D, 64),
             KBITS=kbits, VBITS=vbits, HAS_MASK=mask is not None, HAS_SOFTCAP=bool(softcap),
             DOT_PRECISION=precision, SPLIT=split, KBITS2=kbits2, VBITS2=vbits2, KSPLIT=ksplit, VSPLIT=vsplit,
-            KPAIR=kpair, VPAIR=vpair, KPAIR2=kpair2, VPAIR2=vpair2,
+            KPAIR=kpair, VPAIR=vpair, KPAIR2=kpair2, VPAIR2=vpair2, QJL=qjl,
             num_warps=num_warps, num_stages=num_stages,
             **({"maxnreg": maxnreg} if maxnreg else {}),
         )

@@ -16,6 +16,7 @@ truncation (round toward zero) where GPUs round to nearest even, so there the bf
 one bf16 ulp of |out_ref| to the max rule and half of one to the mean rule.
 """
 
+import math
 import os
 import zlib
 
@@ -24,7 +25,7 @@ import torch
 
 from tq_hf import TurboQuantCache
 from tq_hf.cache import in_model_order
-from tq_hf.codec import TurboQuantizer, pack_codes
+from tq_hf.codec import TurboQuantizer, pack_codes, unpack_codes
 
 CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -105,9 +106,9 @@ def test_dequantize_matches_reference(request, dtype, dim, bits):
 
 
 # ---------------------------------------------------------------- decode attention
-def _make_layer(B, Hkv, D, T, R, dtype, key_bits=4, value_bits=4, decode_steps=3, preset=None):
+def _make_layer(B, Hkv, D, T, R, dtype, key_bits=4, value_bits=4, decode_steps=3, preset=None, **options):
     bits = {} if preset else {"key_bits": key_bits, "value_bits": value_bits}
-    cache = TurboQuantCache(preset, residual_length=R, backend="triton", **bits)
+    cache = TurboQuantCache(preset, residual_length=R, backend="triton", **bits, **options)
     k = torch.randn(B, Hkv, T, D, dtype=dtype, device=DEV) * 1.5 + 0.7  # a channel bias to centre away
     v = torch.randn(B, Hkv, T, D, dtype=dtype, device=DEV)
     cache.update(k, v, 0)
@@ -135,11 +136,20 @@ def _reference_kv(layer):
     return k, v
 
 
-def _attention(q, k, v, mask, scale, softcap, dtype):
-    _B, Hq, _, _D = q.shape
+def _attention(q, k, v, mask, scale, softcap, dtype, layer=None):
+    """Dense attention in `dtype`; with a `key_qjl` layer its quantized keys' scores get the QJL estimate
+    ||r|| sqrt(pi/2) / D <S q, sign(S r)> of <q, residual> (TurboQuant_prod)."""
+    _B, Hq, _, D = q.shape
     G = Hq // k.shape[1]
     q, k, v = q.to(dtype), k.repeat_interleave(G, 1).to(dtype), v.repeat_interleave(G, 1).to(dtype)
-    s = (q @ k.transpose(-1, -2)) * scale
+    s = q @ k.transpose(-1, -2)
+    if layer is not None and layer.config.key_qjl:
+        nq = layer.n_quant
+        S = layer.key_quantizer.qjl_tensor(q.device).to(dtype)
+        sign = (unpack_codes(layer.k_qjl[:, :, :nq], 1, D).to(dtype) * 2 - 1).repeat_interleave(G, 1)
+        rn = layer.k_rnorm[:, :, :nq].to(dtype).repeat_interleave(G, 1)
+        s[..., :nq] += (q @ S.T) @ sign.transpose(-1, -2) * rn[:, :, None, :] * (math.sqrt(math.pi / 2) / D)
+    s = s * scale
     if softcap:
         s = softcap * torch.tanh(s / softcap)
     if mask is not None:
@@ -153,8 +163,8 @@ def _check_decode(q, layer, mask, softcap, num_splits):
     out = decode_attention(q, layer, mask, scale, softcap, num_splits=num_splits)
     assert out.shape == (q.shape[0], 1, q.shape[1], D) and out.dtype == q.dtype
     k, v = _reference_kv(layer)
-    ref = _attention(q.double(), k.double(), v.double(), mask, scale, softcap, torch.float64)
-    pt = _attention(q, k, v, mask, scale, softcap, q.dtype)
+    ref = _attention(q.double(), k.double(), v.double(), mask, scale, softcap, torch.float64, layer)
+    pt = _attention(q, k, v, mask, scale, softcap, q.dtype, layer)
     err, err_pt = (out.double() - ref).abs(), (pt.double() - ref).abs()
     trunc = ref.abs() * 2**-7 if (INTERPRET and not CUDA and q.dtype == torch.bfloat16) else torch.zeros_like(ref)
     assert not out.isnan().any()
@@ -216,6 +226,25 @@ def test_decode_split_codes_match_reference(request, preset, shape):
     q = torch.randn(B, Hkv * G, 1, D, dtype=dtype, device=DEV)
     for num_splits in (None, 2):
         _check_decode(q, layer, mask if B > 1 else None, 30.0 if D == 64 else None, num_splits)
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 4, 128, 70, 16), (1, 2, 1, 80, 40, 0), (2, 1, 8, 64, 339, 8)], ids=str)
+def test_decode_qjl_keys_match_reference(request, shape):
+    """key_qjl (TurboQuant_prod): the kernel adds the QJL estimate of <q, residual> to each quantized key's
+    score; without that term the output would be measurably different (positive control)."""
+    _seed(request)
+    B, Hkv, G, D, T, R = shape
+    dtype = DTYPES[zlib.crc32(str(shape).encode()) % 3]
+    layer = _make_layer(B, Hkv, D, T, R, dtype, key_bits=3, key_qjl=True)
+    assert layer.k_qjl is not None and layer.n_quant > 0
+    mask = torch.ones(B, layer.get_seq_length(), dtype=torch.bool, device=DEV)
+    mask[1:, :5] = False  # ragged, left-padded
+    q = torch.randn(B, Hkv * G, 1, D, dtype=dtype, device=DEV) * 2
+    out = _check_decode(q, layer, mask, None, None)
+    k, v = _reference_kv(layer)
+    args = (q.double(), k.double(), v.double(), mask, D**-0.5, None, torch.float64)
+    with_qjl, without = _attention(*args, layer), _attention(*args)
+    assert (with_qjl - without).abs().max() > 10 * (out.double() - with_qjl).abs().max()
 
 
 @pytest.mark.skipif(not CUDA, reason="long contexts run on the GPU only")

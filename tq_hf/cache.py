@@ -157,9 +157,9 @@ class TurboQuantLayer(CacheLayerMixin):
             raise ValueError(
                 f"layer {self.layer_idx}: TurboQuantCache cannot quantize head_dim={self.head_dim}: {e}"
             ) from None
-        # "auto" keeps the reference path where no kernel reads the codes: QJL keys, and split codes other
-        # than half/half at a power-of-two head_dim (split codes the decode kernel reads are quantized and
-        # dequantized on PyTorch, only decode attention runs the kernel).
+        # "auto" keeps the reference path for QJL keys (their decode kernel, backend="triton", has run
+        # under the interpreter only) and for split codes other than half/half at a power-of-two head_dim.
+        # Split codes and QJL keys are quantized and dequantized on PyTorch; the decode kernel reads them.
         no_kernel = cfg.key_qjl or (cfg.outlier_fraction and not self.key_quantizer.kernel_readable)
         self.backend = "torch" if no_kernel and cfg.backend == "auto" else _resolve_backend(cfg.backend, self.device)
         if self.backend == "triton" and cfg.outlier_fraction and not self.key_quantizer.kernel_readable:
@@ -206,9 +206,9 @@ class TurboQuantLayer(CacheLayerMixin):
 
     @property
     def _codec_kernels(self) -> bool:
-        """Whether quantizing and dequantizing run the Triton kernels (split codes stay on PyTorch:
-        only the decode kernel reads them)."""
-        return self.backend == "triton" and not self.config.outlier_fraction
+        """Whether quantizing and dequantizing run the Triton kernels (split codes and QJL keys stay on
+        PyTorch: only the decode kernel reads them)."""
+        return self.backend == "triton" and not (self.config.outlier_fraction or self.config.key_qjl)
 
     # ------------------------------------------------------------------ writing
     def _reserve(self, needed: int) -> None:

@@ -37,8 +37,10 @@ class TurboQuantConfig:
         key_qjl: TurboQuant_prod for keys (opt-in): key_bits - 1 bits of Lloyd-Max codes plus a 1-bit
             QJL sign sketch of the residual and the residual's norm, and the "turboquant" attention adds
             the sketch's unbiased estimate of <q, residual> to every score of a quantized key (never to
-            a dequantized key). Unbiased scores, more variance than key_bits of mse codes. PyTorch path
-            only; other attention implementations and `output_attentions` see the mse keys alone.
+            a dequantized key). Unbiased scores, more variance than key_bits of mse codes. Quantized on
+            the PyTorch path; decoded by the PyTorch path with `backend="auto"` and by the Triton kernel
+            with `backend="triton"` (tested under the Triton interpreter, not yet on a GPU). Other
+            attention implementations and `output_attentions` see the mse keys alone.
         backend: "auto" (Triton on CUDA tensors, PyTorch reference elsewhere), "torch" or "triton".
     """
 
@@ -71,10 +73,9 @@ class TurboQuantConfig:
                              "<= 7 with outlier_fraction > 0")
         if not isinstance(self.key_qjl, bool):
             raise TypeError(f"key_qjl must be a bool, got {self.key_qjl!r}")
-        if self.key_qjl and (self.key_bits < 2 or self.outlier_fraction or self.backend == "triton"):
-            raise ValueError("key_qjl needs key_bits >= 2 (one bit is the QJL sketch), no outlier_fraction, and the "
-                             f"PyTorch path (backend 'auto' or 'torch'); got key_bits={self.key_bits}, "
-                             f"outlier_fraction={self.outlier_fraction}, backend={self.backend!r}")
+        if self.key_qjl and (self.key_bits < 2 or self.outlier_fraction):
+            raise ValueError("key_qjl needs key_bits >= 2 (one bit is the QJL sketch) and no outlier_fraction; got "
+                             f"key_bits={self.key_bits}, outlier_fraction={self.outlier_fraction}")
         if self.backend not in VALID_BACKENDS:
             raise ValueError(f"backend={self.backend!r} is not valid; choose one of {list(VALID_BACKENDS)}")
         if not all(isinstance(i, int) and not isinstance(i, bool) for i in self.skip_layers):
