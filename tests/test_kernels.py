@@ -314,15 +314,18 @@ def test_workspace_shared_and_bounded(request):
 
 
 @pytest.mark.parametrize("scale", [1e25, 1e-25, 1e35])
-def test_quantize_huge_and_tiny_vectors_match_reference_backend(request, scale):
+@pytest.mark.parametrize("preset", ["4bit", "3.5bit"])
+def test_quantize_huge_and_tiny_vectors_match_reference_backend(request, scale, preset):
     """The kernel scales each vector by a power of two as the PyTorch path does: norms stay finite
-    and codes/norms match the reference backend where a plain fp32 norm would overflow/underflow."""
+    and codes/norms match the reference backend where a plain fp32 norm would overflow/underflow.
+    Split codes (3.5bit) go through the same kernel once per channel set, and dequantize back to the
+    model's channel order."""
     _seed(request)
     k = torch.randn(1, 2, 20, 64, device=DEV) * scale
     v = torch.randn(1, 2, 20, 64, device=DEV) * scale
     layers = []
     for backend in ("triton", "torch"):
-        cache = TurboQuantCache(residual_length=0, backend=backend)
+        cache = TurboQuantCache(preset, residual_length=0, backend=backend)
         cache.update(k, v, 0)
         layers.append(cache.layers[0])
     tri, ref = layers
@@ -332,3 +335,6 @@ def test_quantize_huge_and_tiny_vectors_match_reference_backend(request, scale):
         got, want = getattr(tri, name)[:, :, :20], getattr(ref, name)[:, :, :20]
         assert torch.isfinite(got).all() and (got > 0).all()
         torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+    for got, want in zip(tri.dequantize_range(0, 20), ref.dequantize_range(0, 20)):
+        # two fp32 evaluations of a 64-term rotation: each element within 64 ulps of the largest
+        torch.testing.assert_close(got, want, rtol=0, atol=64 * 2**-24 * want.abs().max().item())

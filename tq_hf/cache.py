@@ -158,8 +158,8 @@ class TurboQuantLayer(CacheLayerMixin):
                 f"layer {self.layer_idx}: TurboQuantCache cannot quantize head_dim={self.head_dim}: {e}"
             ) from None
         # "auto" keeps the reference path for QJL keys (their decode kernel, backend="triton", has run
-        # under the interpreter only) and for split codes other than half/half at a power-of-two head_dim.
-        # Split codes and QJL keys are quantized and dequantized on PyTorch; the decode kernel reads them.
+        # under the interpreter only; they are quantized on PyTorch) and for split codes other than
+        # half/half at a power-of-two head_dim.
         no_kernel = cfg.key_qjl or (cfg.outlier_fraction and not self.key_quantizer.kernel_readable)
         self.backend = "torch" if no_kernel and cfg.backend == "auto" else _resolve_backend(cfg.backend, self.device)
         if self.backend == "triton" and cfg.outlier_fraction and not self.key_quantizer.kernel_readable:
@@ -206,9 +206,21 @@ class TurboQuantLayer(CacheLayerMixin):
 
     @property
     def _codec_kernels(self) -> bool:
-        """Whether quantizing and dequantizing run the Triton kernels (split codes and QJL keys stay on
-        PyTorch: only the decode kernel reads them)."""
-        return self.backend == "triton" and not (self.config.outlier_fraction or self.config.key_qjl)
+        """Whether quantizing and dequantizing run the Triton kernels (QJL keys stay on PyTorch: only the
+        decode kernel reads them)."""
+        return self.backend == "triton" and not self.config.key_qjl
+
+    def _code_sets(self, which: str) -> list:
+        """`(quantizer, channel slice, codes [B, H, C, bytes], norms [B, H, C])` of each code set of the
+        keys ("k") or values ("v"): the whole vector, or for split codes the outliers then the other
+        channels (slices of the permuted vector), each a plain TurboQuant vector of its own quantizer."""
+        qz = self.key_quantizer if which == "k" else self.value_quantizer
+        codes, norms = (self.k_codes, self.k_norms) if which == "k" else (self.v_codes, self.v_norms)
+        if not self.config.outlier_fraction:
+            return [(qz, slice(None), codes, norms)]
+        n, sb = qz.n_outlier, qz.split_byte
+        return [(qz.outlier, slice(None, n), codes[..., :sb], norms[..., 0]),
+                (qz.normal, slice(n, None), codes[..., sb:], norms[..., 1])]
 
     # ------------------------------------------------------------------ writing
     def _reserve(self, needed: int) -> None:
@@ -256,8 +268,13 @@ class TurboQuantLayer(CacheLayerMixin):
         if self._codec_kernels:
             from .kernels import quantize_pack
 
-            quantize_pack(k, self.key_quantizer, self.k_codes, self.k_norms, self.n_quant, mean=self.k_mean)
-            quantize_pack(v, self.value_quantizer, self.v_codes, self.v_norms, self.n_quant)
+            for x, which, mean, perm in ((k, "k", self.k_mean, self.k_perm), (v, "v", None, self.v_perm)):
+                if perm is not None:  # split codes: the sets are channel ranges of the permuted vector
+                    x = x.gather(-1, perm[None, :, None, :].expand(x.shape))
+                    mean = None if mean is None else mean.gather(-1, perm)
+                for qz, ch, codes, norms in self._code_sets(which):
+                    quantize_pack(x[..., ch], qz, codes, norms, self.n_quant,
+                                  mean=None if mean is None else mean[:, ch].contiguous())
         else:
             # The reference codec's temporaries take ~KBs per vector (one-hot bit streams, distances to
             # every centroid): a long prefill is quantized a slice of tokens at a time.
@@ -376,8 +393,16 @@ class TurboQuantLayer(CacheLayerMixin):
             if self._codec_kernels:
                 from .kernels import dequantize
 
-                dequantize(self.k_codes, self.k_norms, self.key_quantizer, start, k_out[:, :, :n], mean=self.k_mean)
-                dequantize(self.v_codes, self.v_norms, self.value_quantizer, start, v_out[:, :, :n])
+                for which, dst, mean, perm in (("k", k_out[:, :, :n], self.k_mean, self.k_perm),
+                                               ("v", v_out[:, :, :n], None, self.v_perm)):
+                    tmp = dst if perm is None else torch.empty_like(dst)  # split codes: permuted channels
+                    if perm is not None and mean is not None:
+                        mean = mean.gather(-1, perm)
+                    for qz, ch, codes, norms in self._code_sets(which):
+                        dequantize(codes, norms, qz, start, tmp[..., ch],
+                                   mean=None if mean is None else mean[:, ch].contiguous())
+                    if perm is not None:
+                        dst.scatter_(-1, perm[None, :, None, :].expand(dst.shape), tmp)
             else:
                 s = slice(start, q_end)
                 k = self.key_quantizer.dequantize(

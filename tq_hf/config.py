@@ -31,9 +31,9 @@ class TurboQuantConfig:
             are outliers: the channels of largest mean square in the first quantized chunk, chosen
             per layer and KV head, separately for keys (after mean-centring) and values. Outliers
             and the other channels are quantized as two vectors (own rotation, codebook and norm),
-            the outliers with one more bit. Quantized on the PyTorch path; decoded by the Triton kernel
-            (`backend="auto"` on CUDA) for half/half splits of a power-of-two head dim >= 64, else by the
-            PyTorch path.
+            the outliers with one more bit. On CUDA (`backend="auto"`) the Triton kernels quantize and
+            decode half/half splits of a power-of-two head dim >= 64; other splits take the PyTorch
+            path.
         key_qjl: TurboQuant_prod for keys (opt-in): key_bits - 1 bits of Lloyd-Max codes plus a 1-bit
             QJL sign sketch of the residual and the residual's norm, and the "turboquant" attention adds
             the sketch's unbiased estimate of <q, residual> to every score of a quantized key (never to
