@@ -265,6 +265,12 @@ class TurboQuantLayer(CacheLayerMixin):
             self.k_perm = _outliers_first(k.float() - self.k_mean[None, :, None, :], self.key_quantizer.n_outlier)
             self.v_perm = _outliers_first(v.float(), self.value_quantizer.n_outlier)
         self._reserve(self.n_quant + T)
+        self.write_codes(k, v, self.n_quant)
+        self.n_quant += T
+
+    def write_codes(self, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
+        """Quantize `k`, `v` `[B, H, T, D]` into positions [start, start + T) of the code planes (the
+        kernels on the Triton backend, else the PyTorch path). No bookkeeping: `update` calls it."""
         if self._codec_kernels:
             from .kernels import quantize_pack
 
@@ -273,15 +279,14 @@ class TurboQuantLayer(CacheLayerMixin):
                     x = x.gather(-1, perm[None, :, None, :].expand(x.shape))
                     mean = None if mean is None else mean.gather(-1, perm)
                 for qz, ch, codes, norms in self._code_sets(which):
-                    quantize_pack(x[..., ch], qz, codes, norms, self.n_quant,
+                    quantize_pack(x[..., ch], qz, codes, norms, start,
                                   mean=None if mean is None else mean[:, ch].contiguous())
         else:
             # The reference codec's temporaries take ~KBs per vector (one-hot bit streams, distances to
             # every centroid): a long prefill is quantized a slice of tokens at a time.
             step = max(1, _QUANTIZE_VECTORS // (self.batch_size * self.num_heads))
-            for t0 in range(0, T, step):
-                self._quantize_slice(k[:, :, t0 : t0 + step], v[:, :, t0 : t0 + step], self.n_quant + t0)
-        self.n_quant += T
+            for t0 in range(0, k.shape[2], step):
+                self._quantize_slice(k[:, :, t0 : t0 + step], v[:, :, t0 : t0 + step], start + t0)
 
     def _quantize_slice(self, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
         """PyTorch path: quantize `k`, `v` `[B, H, T, D]` into positions [start, start + T) of the planes."""
