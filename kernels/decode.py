@@ -337,15 +337,15 @@ def _code_table(cent: torch.Tensor, bits: int, d: int, dtype: torch.dtype) -> tu
     from: the pair table T[P] = (cent[P & (2**bits - 1)], cent[P >> bits]), `[2**(2*bits), 2]` in
     `dtype`, where `_paired`, else `cent` itself. One gather then fetches two codes' centroids: ~35 %
     fewer instructions per tile, 1.1x (4 bits) and 1.5x (3 bits) faster on an H200. Built once per
-    centroid tensor and dtype (the entry holds `cent`, so its address is not reused by another)."""
+    (d, bits, device, dtype): `cent` is the codebook of d-dimensional vectors at `bits`
+    (`tq_hf.codec.codebook`), a function of (d, bits) alone, so every layer shares one table."""
     if not _paired(bits, d):
         return cent, False
-    key = (cent.data_ptr(), cent.device, bits, dtype)
+    key = (d, bits, cent.device, dtype)
     if key not in _PAIR_TABLES:
         p = torch.arange(1 << (2 * bits), device=cent.device)
-        table = torch.stack([cent[p & ((1 << bits) - 1)], cent[p >> bits]], -1).to(dtype).contiguous()
-        _PAIR_TABLES[key] = (cent, table)
-    return _PAIR_TABLES[key][1], True
+        _PAIR_TABLES[key] = torch.stack([cent[p & ((1 << bits) - 1)], cent[p >> bits]], -1).to(dtype).contiguous()
+    return _PAIR_TABLES[key], True
 
 
 def _num_sms(device) -> int:

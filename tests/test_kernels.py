@@ -25,7 +25,7 @@ import torch
 
 from tq_hf import TurboQuantCache
 from tq_hf.cache import in_model_order
-from tq_hf.codec import TurboQuantizer, pack_codes, unpack_codes
+from tq_hf.codec import TurboQuantizer, codebook, pack_codes, unpack_codes
 
 CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -274,7 +274,7 @@ def test_pair_tables():
     other widths and non-power-of-two rows gather the centroids themselves."""
     from tq_hf.kernels.decode import _code_table
 
-    cent = torch.randn(8)
+    cent = codebook(128, 3)[0]
     table, paired = _code_table(cent, 3, 128, torch.float16)
     assert paired and table.shape == (64, 2) and table.dtype == torch.float16
     c0, c1 = torch.randint(0, 8, (2, 100))
@@ -318,8 +318,9 @@ def test_workspace_shared_and_bounded(request):
 def test_quantize_huge_and_tiny_vectors_match_reference_backend(request, scale, preset):
     """The kernel scales each vector by a power of two as the PyTorch path does: norms stay finite
     and codes/norms match the reference backend where a plain fp32 norm would overflow/underflow.
-    Split codes (3.5bit) go through the same kernel once per channel set, and dequantize back to the
-    model's channel order."""
+    Split codes (3.5bit) go through the same kernel once per channel set (scaled per set, where the
+    PyTorch path scales the whole vector: the same codes unless the sets' magnitudes differ by
+    ~2**75), and dequantize back to the model's channel order."""
     _seed(request)
     k = torch.randn(1, 2, 20, 64, device=DEV) * scale
     v = torch.randn(1, 2, 20, 64, device=DEV) * scale

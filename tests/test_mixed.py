@@ -109,15 +109,25 @@ def test_split_presets_generate_close_to_dynamic_cache(preset):
     assert all(layer.backend == "torch" and layer.k_perm is not None for layer in cache.layers)
 
 
-def test_auto_backend_of_split_codes():
-    """`backend="auto"` gives split presets the decode kernel on CUDA where it reads them (half/half, a
-    power-of-two head_dim) and the reference path elsewhere; the kernel itself refuses other splits."""
+def test_auto_backend_of_split_codes(monkeypatch):
+    """`backend="auto"` gives split presets the kernels where "auto" means Triton (CUDA; stubbed here, so
+    the rule is checked on the CPU too) if the decode kernel reads them (half/half, a power-of-two
+    head_dim), and the reference path otherwise; QJL keys keep the reference path. The decode kernel
+    itself refuses splits it cannot read."""
     from tq_hf.kernels import decode_attention
 
-    for fraction, head_dim, kernel in ((0.5, 64, True), (0.5, 80, False), (0.25, 64, False)):
-        cache = TurboQuantCache("2.5bit", residual_length=0, outlier_fraction=fraction)
+    from tq_hf import cache as cache_module
+
+    monkeypatch.setattr(cache_module, "_resolve_backend", lambda backend, device: "triton")
+    for preset, options, head_dim, kernel in (("2.5bit", {}, 64, True), ("2.5bit", {}, 80, False),
+                                              ("2.5bit", {"outlier_fraction": 0.25}, 64, False),
+                                              ("4bit", {"key_qjl": True}, 64, False)):
+        cache = TurboQuantCache(preset, residual_length=0, **options)
         cache.update(torch.randn(1, 1, 16, head_dim, device=DEV), torch.randn(1, 1, 16, head_dim, device=DEV), 0)
-        assert cache.layers[0].backend == ("triton" if kernel and DEV == "cuda" else "torch")
+        assert cache.layers[0].backend == ("triton" if kernel else "torch"), (preset, options, head_dim)
+    monkeypatch.undo()
+    cache = TurboQuantCache("2.5bit", residual_length=0, outlier_fraction=0.25)
+    cache.update(torch.randn(1, 1, 16, 64, device=DEV), torch.randn(1, 1, 16, 64, device=DEV), 0)
     with pytest.raises(ValueError, match="half/half splits"):
         decode_attention(torch.randn(1, 2, 1, 64, device=DEV), cache.layers[0])
 
@@ -157,20 +167,21 @@ def test_outlier_channels_do_not_depend_on_the_scale(scale):
     assert torch.equal(perms[0], perms[1])
 
 
-@pytest.mark.parametrize("preset", ["3.5bit", "4bit"])
-def test_reference_quantize_in_slices_is_the_same(monkeypatch, preset):
+@pytest.mark.parametrize("preset,options", [("3.5bit", {}), ("4bit", {}), ("4bit", {"key_qjl": True})])
+def test_reference_quantize_in_slices_is_the_same(monkeypatch, preset, options):
     """The PyTorch path quantizes a long chunk a slice of tokens at a time (bounded temporaries): the planes
-    are the same as in one piece."""
+    (QJL sketch and residual norms included) are the same as in one piece."""
     from tq_hf import cache as cache_module
 
     k, v = torch.randn(2, 3, 50, 64), torch.randn(2, 3, 50, 64)
+    names = ("k_codes", "k_norms", "v_codes", "v_norms") + (("k_qjl", "k_rnorm") if options else ())
     planes = []
     for vectors in (1 << 16, 7 * 6):  # one piece; slices of 7 tokens (B * H = 6)
         monkeypatch.setattr(cache_module, "_QUANTIZE_VECTORS", vectors)
-        c = TurboQuantCache(preset, residual_length=0, backend="torch")
+        c = TurboQuantCache(preset, residual_length=0, backend="torch", **options)
         c.update(k, v, 0)
         layer = c.layers[0]
-        planes.append([t[:, :, :50].clone() for t in (layer.k_codes, layer.k_norms, layer.v_codes, layer.v_norms)])
+        planes.append([getattr(layer, n)[:, :, :50].clone() for n in names])
     for a, b in zip(*planes):
         assert torch.equal(a, b)
 

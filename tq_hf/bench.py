@@ -404,7 +404,9 @@ def build_model(model_path: str | None = None, layers: int | None = None, device
 def split_over_gpus(model, gpus: int):
     """Dispatch `model` over cuda:0 .. cuda:gpus-1 with accelerate, as `from_pretrained(device_map=
     "balanced")` does: whole decoder layers per GPU, about equal weight bytes on each, hooks that move
-    activations between GPUs. The KV cache follows its layer, so it splits the same way."""
+    activations between GPUs. The KV cache follows its layer, so it splits the same way. `build_model`
+    creates the model on cuda:0 first, so its weights must fit one GPU (the 8B default does): the split
+    buys room for the cache, not for the weights."""
     from accelerate import dispatch_model, infer_auto_device_map
     from accelerate.utils import get_balanced_memory
 
@@ -664,6 +666,9 @@ def bench_generate(contexts=DEFAULT_CONTEXTS, batches=DEFAULT_BATCHES, presets=D
         model, info = build_model(model_path, layers, device, dtype, seed,
                                   max_positions=max(contexts) + warmup + steps + attn_steps + 16, gpus=gpus, **shape)
     else:
+        if gpus > 1:
+            raise ValueError("gpus > 1 splits the model bench_generate builds; split a given model yourself "
+                             "(e.g. tq_hf.bench.split_over_gpus) and pass gpus=1")
         info = {"model": type(model).__name__, "dtype": _dtype_name(dtype), "weights_bytes": _model_bytes(model)}
         text = model.config.get_text_config(decoder=True)
         info.update(layers=text.num_hidden_layers, kv_heads=text.num_key_value_heads,
@@ -1003,7 +1008,8 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParse
                    help="default: bfloat16 on cuda, float32 on cpu")
     g.add_argument("--seed", type=int, default=0, help="seed of weights and token ids (default 0)")
     g.add_argument("--gpus", type=int, default=1, metavar="N",
-                   help="split the layers over N GPUs with accelerate (balanced device_map; default 1)")
+                   help="split the layers over N GPUs with accelerate (balanced device_map; default 1); "
+                        "the weights must fit one GPU before the split")
     g = p.add_argument_group("grid")
     g.add_argument("--contexts", nargs="+", type=_size, default=list(DEFAULT_CONTEXTS), metavar="N",
                    help="prompt lengths, e.g. 4K 16K 32K 64K (default)")

@@ -130,6 +130,7 @@ class TurboQuantLayer(CacheLayerMixin):
         self.k_codes = self.k_norms = self.v_codes = self.v_norms = None
         self.k_win = self.v_win = self.k_mean = None
         self.k_perm = self.v_perm = None
+        self._k_set_means = None  # split codes: k_mean of each channel set, in the sets' channel order
         self.k_qjl = self.k_rnorm = None
         self.keys = self.values = None
         self.is_initialized = False
@@ -211,16 +212,18 @@ class TurboQuantLayer(CacheLayerMixin):
         return self.backend == "triton" and not self.config.key_qjl
 
     def _code_sets(self, which: str) -> list:
-        """`(quantizer, channel slice, codes [B, H, C, bytes], norms [B, H, C])` of each code set of the
-        keys ("k") or values ("v"): the whole vector, or for split codes the outliers then the other
-        channels (slices of the permuted vector), each a plain TurboQuant vector of its own quantizer."""
+        """`(quantizer, channel slice, codes [B, H, C, bytes], norms [B, H, C], mean [H, d] or None)` of
+        each code set of the keys ("k") or values ("v"): the whole vector, or for split codes the outliers
+        then the other channels (slices of the permuted vector), each a plain TurboQuant vector of its own
+        quantizer. Keys are centred on `mean`, values are not."""
         qz = self.key_quantizer if which == "k" else self.value_quantizer
         codes, norms = (self.k_codes, self.k_norms) if which == "k" else (self.v_codes, self.v_norms)
         if not self.config.outlier_fraction:
-            return [(qz, slice(None), codes, norms)]
+            return [(qz, slice(None), codes, norms, self.k_mean if which == "k" else None)]
         n, sb = qz.n_outlier, qz.split_byte
-        return [(qz.outlier, slice(None, n), codes[..., :sb], norms[..., 0]),
-                (qz.normal, slice(n, None), codes[..., sb:], norms[..., 1])]
+        means = self._k_set_means if which == "k" else (None, None)
+        return [(qz.outlier, slice(None, n), codes[..., :sb], norms[..., 0], means[0]),
+                (qz.normal, slice(n, None), codes[..., sb:], norms[..., 1], means[1])]
 
     # ------------------------------------------------------------------ writing
     def _reserve(self, needed: int) -> None:
@@ -264,23 +267,24 @@ class TurboQuantLayer(CacheLayerMixin):
         if self.config.outlier_fraction and self.k_perm is None:
             self.k_perm = _outliers_first(k.float() - self.k_mean[None, :, None, :], self.key_quantizer.n_outlier)
             self.v_perm = _outliers_first(v.float(), self.value_quantizer.n_outlier)
+            mean, n = self.k_mean.gather(-1, self.k_perm), self.key_quantizer.n_outlier
+            self._k_set_means = (mean[:, :n].contiguous(), mean[:, n:].contiguous())
         self._reserve(self.n_quant + T)
         self.write_codes(k, v, self.n_quant)
         self.n_quant += T
 
     def write_codes(self, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
         """Quantize `k`, `v` `[B, H, T, D]` into positions [start, start + T) of the code planes (the
-        kernels on the Triton backend, else the PyTorch path). No bookkeeping: `update` calls it."""
+        kernels on the Triton backend, else the PyTorch path). No bookkeeping or checks: `update` reserves
+        the capacity and calls it (and `bench kernels` times it)."""
         if self._codec_kernels:
             from .kernels import quantize_pack
 
-            for x, which, mean, perm in ((k, "k", self.k_mean, self.k_perm), (v, "v", None, self.v_perm)):
+            for x, which, perm in ((k, "k", self.k_perm), (v, "v", self.v_perm)):
                 if perm is not None:  # split codes: the sets are channel ranges of the permuted vector
                     x = x.gather(-1, perm[None, :, None, :].expand(x.shape))
-                    mean = None if mean is None else mean.gather(-1, perm)
-                for qz, ch, codes, norms in self._code_sets(which):
-                    quantize_pack(x[..., ch], qz, codes, norms, start,
-                                  mean=None if mean is None else mean[:, ch].contiguous())
+                for qz, ch, codes, norms, mean in self._code_sets(which):
+                    quantize_pack(x[..., ch], qz, codes, norms, start, mean=mean)
         else:
             # The reference codec's temporaries take ~KBs per vector (one-hot bit streams, distances to
             # every centroid): a long prefill is quantized a slice of tokens at a time.
@@ -398,14 +402,10 @@ class TurboQuantLayer(CacheLayerMixin):
             if self._codec_kernels:
                 from .kernels import dequantize
 
-                for which, dst, mean, perm in (("k", k_out[:, :, :n], self.k_mean, self.k_perm),
-                                               ("v", v_out[:, :, :n], None, self.v_perm)):
+                for which, dst, perm in (("k", k_out[:, :, :n], self.k_perm), ("v", v_out[:, :, :n], self.v_perm)):
                     tmp = dst if perm is None else torch.empty_like(dst)  # split codes: permuted channels
-                    if perm is not None and mean is not None:
-                        mean = mean.gather(-1, perm)
-                    for qz, ch, codes, norms in self._code_sets(which):
-                        dequantize(codes, norms, qz, start, tmp[..., ch],
-                                   mean=None if mean is None else mean[:, ch].contiguous())
+                    for qz, ch, codes, norms, mean in self._code_sets(which):
+                        dequantize(codes, norms, qz, start, tmp[..., ch], mean=mean)
                     if perm is not None:
                         dst.scatter_(-1, perm[None, :, None, :].expand(dst.shape), tmp)
             else:

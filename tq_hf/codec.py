@@ -16,7 +16,8 @@ of inner products: (b-1)-bit mse codes plus a 1-bit QJL sign sketch of the resid
     qjl = sign(S r),  S ~ N(0, 1)^{d x d}    seeded, independent of Pi; plus ||r|| (fp32)
     <q, x>  ~=  <q, x_mse> + ||r|| * sqrt(pi/2) / d * <S q, qjl>     (unbiased over S)
 
-The cache uses it for keys with `TurboQuantConfig(key_qjl=True)` (PyTorch path; no kernel reads it).
+The cache uses it for keys with `TurboQuantConfig(key_qjl=True)` (quantized on the PyTorch path; the
+decode kernel reads it with `backend="triton"`).
 """
 
 from __future__ import annotations
@@ -162,7 +163,7 @@ class TurboQuantizer:
         norm_correction: store ||x|| / ||c[idx]|| so the dequantized vector has exactly ||x||. Off by
             default (the paper's form, which is MSE-optimal: at 1 bit correction raises MSE to ~0.40).
         mode: "mse" (default): TurboQuant_mse. "prod": TurboQuant_prod (the cache uses it for keys
-            with `key_qjl=True`, on the PyTorch path; the Triton kernels do not read it).
+            with `key_qjl=True`: quantized on the PyTorch path, read by the decode kernel).
 
     `quantize(x)` takes `[..., dim]` and returns a dict with `codes` (uint8 `[..., dim*mse_bits/8]`),
     `norms` (fp32 `[...]`) and `dtype`; in "prod" mode also `qjl` (uint8 `[..., dim/8]`: the packed

@@ -82,7 +82,7 @@ def default_configs(presets=None, centring_ablation: bool = True, residual_lengt
     rows = []
     for p in presets:
         name, cfg = (p, TurboQuantConfig.from_preset(p)) if isinstance(p, str) else ("custom", p)
-        over = {"backend": "auto" if cfg.key_qjl else backend}  # QJL keys have no kernel
+        over = {"backend": backend}
         if residual_length is not None:
             over["residual_length"] = residual_length
         cfg = cfg.replace(**over)
