@@ -169,19 +169,25 @@ def test_outlier_channels_do_not_depend_on_the_scale(scale):
 
 @pytest.mark.parametrize("preset,options", [("3.5bit", {}), ("4bit", {}), ("4bit", {"key_qjl": True})])
 def test_reference_quantize_in_slices_is_the_same(monkeypatch, preset, options):
-    """The PyTorch path quantizes a long chunk a slice of tokens at a time (bounded temporaries): the planes
-    (QJL sketch and residual norms included) are the same as in one piece."""
+    """A long chunk is processed on PyTorch a slice of tokens at a time (bounded temporaries): the outlier
+    channels are the same, the key mean the same up to summation order, and with a fixed (zero) mean the
+    planes, QJL sketch and residual norms included, are bit-identical to one piece."""
     from tq_hf import cache as cache_module
 
-    k, v = torch.randn(2, 3, 50, 64), torch.randn(2, 3, 50, 64)
+    k, v = torch.randn(2, 3, 50, 64) + 0.5, torch.randn(2, 3, 50, 64)
     names = ("k_codes", "k_norms", "v_codes", "v_norms") + (("k_qjl", "k_rnorm") if options else ())
-    planes = []
+    layers = {}
     for vectors in (1 << 16, 7 * 6):  # one piece; slices of 7 tokens (B * H = 6)
-        monkeypatch.setattr(cache_module, "_QUANTIZE_VECTORS", vectors)
-        c = TurboQuantCache(preset, residual_length=0, backend="torch", **options)
-        c.update(k, v, 0)
-        layer = c.layers[0]
-        planes.append([getattr(layer, n)[:, :, :50].clone() for n in names])
-    for a, b in zip(*planes):
-        assert torch.equal(a, b)
+        monkeypatch.setattr(cache_module, "_SLICE_VECTORS", vectors)
+        for centring in (True, False):
+            c = TurboQuantCache(preset, residual_length=0, backend="torch", key_mean_centering=centring, **options)
+            c.update(k, v, 0)
+            layers[vectors, centring] = c.layers[0]
+    whole, sliced = layers[1 << 16, True], layers[42, True]
+    torch.testing.assert_close(sliced.k_mean, whole.k_mean, rtol=1e-6, atol=1e-7)
+    if whole.k_perm is not None:
+        assert torch.equal(sliced.k_perm, whole.k_perm) and torch.equal(sliced.v_perm, whole.v_perm)
+    whole, sliced = layers[1 << 16, False], layers[42, False]
+    for n in names:
+        assert torch.equal(getattr(sliced, n)[:, :, :50], getattr(whole, n)[:, :, :50]), n
 

@@ -53,7 +53,9 @@ _ALIGN = 64  # tokens
 # Largest |K|, |V| element accepted: beyond it an fp32 norm (<= |x|max * 2 * sqrt(head_dim) with key
 # mean-centring) could overflow. 1e36 keeps head dims up to 4096 safe; real activations are < 1e5.
 MAX_ABS = 1e36
-_QUANTIZE_VECTORS = 1 << 16  # vectors per slice of the PyTorch quantize path (bounds its temporaries)
+# Vectors per slice where a whole chunk is processed on PyTorch (the key mean, the outlier channels, the
+# reference codec): its fp32 temporaries stay ~tens of MB instead of GBs for a long prefill.
+_SLICE_VECTORS = 1 << 16
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
@@ -85,12 +87,25 @@ def make_quantizers(config: TurboQuantConfig, head_dim: int):
             TurboQuantizer(head_dim, cfg.value_bits, cfg.seed + 1, cfg.norm_correction))
 
 
-def _outliers_first(x: torch.Tensor, n_outlier: int) -> torch.Tensor:
+def _token_slices(x: torch.Tensor) -> list[slice]:
+    """Slices of the token axis of `x` `[B, H, T, D]`, each holding at most `_SLICE_VECTORS` vectors."""
+    step = max(1, _SLICE_VECTORS // (x.shape[0] * x.shape[1]))
+    return [slice(t0, t0 + step) for t0 in range(0, x.shape[2], step)]
+
+
+def _outliers_first(x: torch.Tensor, n_outlier: int, mean: torch.Tensor | None = None) -> torch.Tensor:
     """Per head, the channel order `[H, D]` (int64) with the `n_outlier` channels of largest mean
-    square over `x` `[B, H, T, D]` first; each set in ascending channel order."""
+    square over `x - mean` (`x` `[B, H, T, D]`, `mean` `[H, D]` or None) first; each set in ascending
+    channel order. Computed a slice of tokens at a time."""
+    def part(s):
+        xs = x[:, :, s].float()
+        return xs - mean[None, :, None, :] if mean is not None else xs
+
+    slices = _token_slices(x)
     # Ranked at a power-of-two scale (exact): squares of |x| > ~1e19 would overflow to inf, of
     # |x| < ~1e-19 underflow to 0, and topk would then pick arbitrary channels.
-    energy = torch.ldexp(x, -_exponent(x.abs().amax())).square().mean(dim=(0, 2))
+    e = _exponent(torch.stack([part(s).abs().amax() for s in slices]).amax())
+    energy = sum(torch.ldexp(part(s), -e).square().sum(dim=(0, 2)) for s in slices)
     top = energy.topk(n_outlier, dim=-1).indices
     is_out = torch.zeros_like(energy, dtype=torch.bool).scatter_(-1, top, True)
     # a stable sort on "not an outlier" keeps each set in channel order
@@ -258,15 +273,15 @@ class TurboQuantLayer(CacheLayerMixin):
         if self.k_mean is None:
             # Any mean keeps attention exact (shift invariance); the first chunk's is a good one.
             if self.config.key_mean_centering:
-                # Summed at a power-of-two scale: the same bits as k.mean() unless that sum would overflow.
-                kf = k.float()
-                e = _exponent(kf.abs().amax())
-                self.k_mean = torch.ldexp(torch.ldexp(kf, -e).mean(dim=(0, 2)), e)
+                # Summed at a power-of-two scale (exact; the sum cannot overflow), a slice at a time.
+                e = _exponent(torch.maximum(k.amax().abs(), k.amin().abs()).float())
+                total = sum(torch.ldexp(k[:, :, s].float(), -e).sum(dim=(0, 2)) for s in _token_slices(k))
+                self.k_mean = torch.ldexp(total / (k.shape[0] * k.shape[2]), e)
             else:
                 self.k_mean = torch.zeros(self.num_heads, self.head_dim, device=self.device)
         if self.config.outlier_fraction and self.k_perm is None:
-            self.k_perm = _outliers_first(k.float() - self.k_mean[None, :, None, :], self.key_quantizer.n_outlier)
-            self.v_perm = _outliers_first(v.float(), self.value_quantizer.n_outlier)
+            self.k_perm = _outliers_first(k, self.key_quantizer.n_outlier, self.k_mean)
+            self.v_perm = _outliers_first(v, self.value_quantizer.n_outlier)
             mean, n = self.k_mean.gather(-1, self.k_perm), self.key_quantizer.n_outlier
             self._k_set_means = (mean[:, :n].contiguous(), mean[:, n:].contiguous())
         self._reserve(self.n_quant + T)
@@ -288,9 +303,8 @@ class TurboQuantLayer(CacheLayerMixin):
         else:
             # The reference codec's temporaries take ~KBs per vector (one-hot bit streams, distances to
             # every centroid): a long prefill is quantized a slice of tokens at a time.
-            step = max(1, _QUANTIZE_VECTORS // (self.batch_size * self.num_heads))
-            for t0 in range(0, k.shape[2], step):
-                self._quantize_slice(k[:, :, t0 : t0 + step], v[:, :, t0 : t0 + step], start + t0)
+            for s in _token_slices(k):
+                self._quantize_slice(k[:, :, s], v[:, :, s], start + s.start)
 
     def _quantize_slice(self, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
         """PyTorch path: quantize `k`, `v` `[B, H, T, D]` into positions [start, start + T) of the planes."""
