@@ -228,7 +228,8 @@ def test_decode_split_codes_match_reference(request, preset, shape):
         _check_decode(q, layer, mask if B > 1 else None, 30.0 if D == 64 else None, num_splits)
 
 
-@pytest.mark.parametrize("shape", [(2, 2, 4, 128, 70, 16), (1, 2, 1, 80, 40, 0), (2, 1, 8, 64, 339, 8)], ids=str)
+@pytest.mark.parametrize("shape", [(2, 2, 4, 128, 70, 16), (1, 2, 1, 80, 40, 0), (2, 1, 8, 64, 339, 8)] + (
+    [(2, 8, 4, 128, 8191, 64)] if CUDA else []), ids=str)
 def test_decode_qjl_keys_match_reference(request, shape):
     """key_qjl (TurboQuant_prod): the kernel adds the QJL estimate of <q, residual> to each quantized key's
     score; without that term the output would be measurably different (positive control)."""
@@ -241,6 +242,8 @@ def test_decode_qjl_keys_match_reference(request, shape):
     mask[1:, :5] = False  # ragged, left-padded
     q = torch.randn(B, Hkv * G, 1, D, dtype=dtype, device=DEV) * 2
     out = _check_decode(q, layer, mask, None, None)
+    if T > 1000:  # the control is sized for short contexts (checked on the CPU); long ones check the match only
+        return
     k, v = _reference_kv(layer)
     args = (q.double(), k.double(), v.double(), mask, D**-0.5, None, torch.float64)
     with_qjl, without = _attention(*args, layer), _attention(*args)
