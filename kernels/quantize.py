@@ -21,6 +21,9 @@ def _quantize_pack_kernel(
     Cent,  # [2**BITS] fp32 centroids
     Codes,  # [B, H, C, D*BITS/8] uint8, contiguous rows
     Norms,  # [B, H, C] fp32
+    Mqjl,  # QJL: Rot @ S.T [D, D] fp32
+    Sketch,  # QJL: [B, H, C, D/8] uint8, the residual's sign sketch
+    Rnorm,  # QJL: [B, H, C] fp32, the residual's norm
     # sizes
     H,
     T,
@@ -29,6 +32,8 @@ def _quantize_pack_kernel(
     sxb, sxh, sxt, sxd,
     scb, sch, sct,
     snb, snh, snt,
+    ssb, ssh, sst,
+    srb, srh, srt,
     # meta-parameters
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,  # next power of two >= D (tl.arange needs one)
@@ -37,6 +42,7 @@ def _quantize_pack_kernel(
     BITS: tl.constexpr,
     HAS_MEAN: tl.constexpr,
     NORM_CORRECTION: tl.constexpr,
+    QJL: tl.constexpr,  # TurboQuant_prod: also the residual's sign sketch and norm (BITS are the mse bits)
 ):
     pid_bh = tl.program_id(0).to(tl.int64)
     b, h = pid_bh // H, pid_bh % H
@@ -67,6 +73,7 @@ def _quantize_pack_kernel(
         xk = xk * inv[:, None]
         rot_t = tl.load(Rot + d[None, :] * D + kk[:, None], mask=kmask[:, None] & dmask[None, :], other=0.0)
         y += tl.dot(xk, rot_t, input_precision="ieee")
+    y_raw = y  # x @ Rot.T (scaled): the residual below is taken against it
     # Zero vectors: any code works, the zero norm dequantizes to exactly zero.
     y = y / tl.maximum(norm, 1.1754943508222875e-38)[:, None]
     # Binary search over the sorted boundaries: code = #(boundaries < y), as torch.bucketize.
@@ -78,8 +85,21 @@ def _quantize_pack_kernel(
     if NORM_CORRECTION:
         c = tl.where(dmask[None, :], tl.load(Cent + code), 0.0)
         norm = norm / tl.sqrt(tl.sum(c * c, axis=1))
-    norm = norm * ((e + 127) << 23).to(tl.float32, bitcast=True)  # * 2**e
     pos = offset + t
+    if QJL:
+        # r = x - x_mse is r_rot @ Rot with r_rot = x @ Rot.T - norm * c[idx] (the stored norm): its sketch
+        # sign(r @ S.T) = sign(r_rot @ (Rot @ S.T)); sign(0) counts as +1, as in the PyTorch codec.
+        r = y_raw - norm[:, None] * tl.where(dmask[None, :], tl.load(Cent + code), 0.0)
+        sk_row = Sketch + b * ssb + h * ssh + pos * sst
+        for j0 in tl.static_range(0, BLOCK_D, BLOCK_K):  # sketch columns a chunk at a time: small M tiles
+            if j0 < D:
+                jj = j0 + tl.arange(0, BLOCK_K)
+                m = tl.load(Mqjl + d[:, None] * D + jj[None, :], mask=dmask[:, None] & (jj < D)[None, :], other=0.0)
+                sk = tl.dot(r, m, input_precision="ieee")
+                store_codes(sk_row + j0 // 8, tmask, (sk >= 0).to(tl.int32), min(BLOCK_K, D - j0), BLOCK_K, 1)
+        rn = tl.sqrt(tl.sum(r * r, axis=1)) * ((e + 127) << 23).to(tl.float32, bitcast=True)
+        tl.store(Rnorm + b * srb + h * srh + pos * srt, rn, mask=tmask)
+    norm = norm * ((e + 127) << 23).to(tl.float32, bitcast=True)  # * 2**e
     store_codes(Codes + b * scb + h * sch + pos * sct, tmask, code, D, BLOCK_D, BITS)
     tl.store(Norms + b * snb + h * snh + pos * snt, norm, mask=tmask)
 
@@ -142,44 +162,61 @@ def on_device(device: torch.device):
     return contextlib.nullcontext()
 
 
-def _check_planes(codes, norms, quantizer):
+def _check_planes(codes, norms, quantizer, allow_prod=False):
     if codes.dtype != torch.uint8 or codes.dim() != 4 or codes.stride(-1) != 1:
         raise ValueError("codes must be a uint8 [B, H, C, row_bytes] tensor with contiguous rows")
-    if not isinstance(quantizer, TurboQuantizer) or quantizer.mode != "mse":
-        raise ValueError("the Triton codec kernels read plain TurboQuant_mse codes, not "
-                         f"{type(quantizer).__name__}(mode={getattr(quantizer, 'mode', None)!r})")
+    if not isinstance(quantizer, TurboQuantizer) or quantizer.mode not in (("mse", "prod") if allow_prod else ("mse",)):
+        raise ValueError("the Triton codec kernel takes a TurboQuantizer in mode 'mse'" + (" or 'prod'" if allow_prod
+                         else "") + f", not {type(quantizer).__name__}(mode={getattr(quantizer, 'mode', None)!r})")
     if codes.shape[-1] != quantizer.row_bytes:
         raise ValueError(f"codes rows are {codes.shape[-1]} bytes, expected {quantizer.row_bytes}")
     if norms.dtype != torch.float32 or norms.shape != codes.shape[:3]:
         raise ValueError("norms must be fp32 [B, H, C] matching codes")
 
 
-def quantize_pack(x, quantizer, codes, norms, offset, mean=None, block_t=16):
+def quantize_pack(x, quantizer, codes, norms, offset, mean=None, qjl=None, block_t=16):
     """Quantize `x` `[B, H, T, D]` with `quantizer` (minus `mean` `[H, D]` if given) and write
-    codes/norms at positions [offset, offset + T) of `codes` `[B, H, C, D*bits/8]` / `norms` `[B, H, C]`."""
-    _check_planes(codes, norms, quantizer)
+    codes/norms at positions [offset, offset + T) of `codes` `[B, H, C, D*mse_bits/8]` / `norms`
+    `[B, H, C]`. A "prod" quantizer (TurboQuant_prod, D <= 128) also writes the residual's QJL sketch and
+    norm into `qjl` = (sketch `[B, H, C, D/8]` uint8, residual norms `[B, H, C]` fp32)."""
+    _check_planes(codes, norms, quantizer, allow_prod=True)
     B, H, T, D = x.shape
     if D != quantizer.dim or codes.shape[:2] != (B, H) or offset + T > codes.shape[2]:
         raise ValueError(f"x {tuple(x.shape)} does not fit codes {tuple(codes.shape)} at offset {offset}")
+    prod = quantizer.mode == "prod"
+    if prod != (qjl is not None):
+        raise ValueError("qjl planes are written for, and only for, a quantizer in 'prod' mode")
+    if prod:
+        sketch, rnorm = qjl
+        if D > 128:  # the [D, D] sketch matrix is one shared-memory tile
+            raise ValueError(f"the quantize kernel writes QJL sketches for head_dim <= 128, got {D}")
+        if (sketch.dtype != torch.uint8 or sketch.shape != (*codes.shape[:3], D // 8) or sketch.stride(-1) != 1
+                or rnorm.dtype != torch.float32 or rnorm.shape != codes.shape[:3]):
+            raise ValueError("qjl must be (uint8 [B, H, C, D/8] with contiguous rows, fp32 [B, H, C]) matching codes")
     if T == 0:
         return
     rot, cent, bnd = quantizer.tensors(x.device)
+    m, sketch, rnorm = (quantizer.qjl_rotated(x.device), *qjl) if prod else (rot, codes, norms)
     grid = (B * H, -(-T // block_t))
     with on_device(x.device):
         _quantize_pack_kernel[grid](
-            x, mean if mean is not None else rot, rot, bnd, cent, codes, norms,
+            x, mean if mean is not None else rot, rot, bnd, cent, codes, norms, m, sketch, rnorm,
             H, T, offset,
-            *x.stride(), *codes.stride()[:3], *norms.stride(),
-            D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_T=block_t, BITS=quantizer.bits,
+            *x.stride(), *codes.stride()[:3], *norms.stride(), *sketch.stride()[:3], *rnorm.stride(),
+            D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_T=block_t, BITS=quantizer.mse_bits,
             BLOCK_K=min(64, max(16, triton.next_power_of_2(D))),
-            HAS_MEAN=mean is not None, NORM_CORRECTION=quantizer.norm_correction,
+            HAS_MEAN=mean is not None, NORM_CORRECTION=quantizer.norm_correction, QJL=prod,
+            # QJL holds the residual and sketch tiles too: with 4 warps ptxas (sm_90, Triton 3.6) spills
+            # 5.6 KB per thread at D = 128, with 8 warps 0.5 KB.
+            num_warps=8 if prod else 4,
         )
 
 
 def dequantize(codes, norms, quantizer, start, out, mean=None, block_t=32):
     """Dequantize positions [start, start + T) of `codes`/`norms` into `out` `[B, H, T, D]`
-    (model dtype, any strides), adding `mean` `[H, D]` if given."""
-    _check_planes(codes, norms, quantizer)
+    (model dtype, any strides), adding `mean` `[H, D]` if given. For a "prod" quantizer this is the
+    mse reconstruction alone, as `TurboQuantizer.dequantize`: the QJL term is never added back."""
+    _check_planes(codes, norms, quantizer, allow_prod=True)
     B, H, T, D = out.shape
     if D != quantizer.dim or codes.shape[:2] != (B, H) or start + T > codes.shape[2]:
         raise ValueError(f"out {tuple(out.shape)} does not fit codes {tuple(codes.shape)} at start {start}")
@@ -192,7 +229,7 @@ def dequantize(codes, norms, quantizer, start, out, mean=None, block_t=32):
             codes, norms, mean if mean is not None else rot, rot, cent, out,
             H, T, start,
             *codes.stride()[:3], *norms.stride(), *out.stride(),
-            D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_T=block_t, BITS=quantizer.bits,
+            D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_T=block_t, BITS=quantizer.mse_bits,
             BLOCK_K=min(64, max(16, triton.next_power_of_2(D))),
             HAS_MEAN=mean is not None, IEEE=out.dtype == torch.float32,
         )

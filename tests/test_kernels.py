@@ -76,6 +76,47 @@ def test_quantize_pack_matches_reference(request, dim, bits):
     assert norms[:, :, :off].isnan().all() and norms[:, :, off + T :].isnan().all()
 
 
+@pytest.mark.parametrize("dim,bits", [(64, 3), (80, 2), (128, 4)])
+def test_quantize_pack_qjl_matches_reference(request, dim, bits):
+    """TurboQuant_prod: (bits - 1)-bit codes as the mse kernel writes them, plus the residual's QJL sign
+    sketch and norm, against `TurboQuantizer(mode="prod").quantize`; poisoned planes stay poisoned
+    outside the written range. Rows whose codes or a sketch entry sit at a tie (within fp32 rounding of
+    a decision boundary, or of zero) may differ."""
+    _seed(request)
+    B, H, T, off, cap = 2, 3, 19, 5, 30
+    qz = TurboQuantizer(dim, bits, seed=3, mode="prod")
+    x = torch.randn(B, H, T, dim, device=DEV, dtype=torch.bfloat16) * 3
+    mean = torch.randn(H, dim, device=DEV)
+    codes = torch.full((B, H, cap, qz.row_bytes), 0xAB, dtype=torch.uint8, device=DEV)
+    norms = torch.full((B, H, cap), float("nan"), device=DEV)
+    sketch = torch.full((B, H, cap, dim // 8), 0xAB, dtype=torch.uint8, device=DEV)
+    rnorm = torch.full((B, H, cap), float("nan"), device=DEV)
+    quantize_pack(x, qz, codes, norms, off, mean=mean, qjl=(sketch, rnorm))
+
+    xc = x.float() - mean[None, :, None, :]
+    idx, n = qz.indices(xc)
+    rot, cent, bnd = qz.tensors(DEV)
+    y = (xc / xc.norm(dim=-1, keepdim=True)) @ rot.T
+    near_tie = ((y.unsqueeze(-1) - bnd).abs().min(-1).values < 1e-6).any(-1)
+    w = slice(off, off + T)
+    assert not ((codes[:, :, w] != pack_codes(idx, bits - 1)).any(-1) & ~near_tie).any()
+    residual = xc - (cent[idx] * n.unsqueeze(-1)) @ rot
+    sk = residual @ qz.qjl_tensor(DEV).T
+    # a D-term fp32 product is good to ~D * 2**-24 of |r| |S_i| (|S_i| ~ sqrt(D)): 1e-4 |r| covers it
+    sign_tie = (sk.abs() < 1e-4 * residual.norm(dim=-1, keepdim=True)).any(-1)
+    sure = ~near_tie & ~sign_tie
+    assert sure.float().mean() > 0.9
+    assert torch.equal(sketch[:, :, w][sure], pack_codes((sk >= 0).long(), 1)[sure])
+    torch.testing.assert_close(norms[:, :, w], n, rtol=1e-5, atol=0)
+    torch.testing.assert_close(rnorm[:, :, w][~near_tie], residual.norm(dim=-1)[~near_tie], rtol=1e-4, atol=0)
+    for plane in (codes, sketch):
+        assert (plane[:, :, :off] == 0xAB).all() and (plane[:, :, off + T :] == 0xAB).all()
+    for plane in (norms, rnorm):
+        assert plane[:, :, :off].isnan().all() and plane[:, :, off + T :].isnan().all()
+    with pytest.raises(ValueError, match="only for, a quantizer in 'prod' mode"):
+        quantize_pack(x, qz, codes, norms, off, mean=mean)
+
+
 def test_quantize_zero_vector():
     qz = TurboQuantizer(64, 4)
     x = torch.zeros(1, 1, 16, 64, device=DEV)

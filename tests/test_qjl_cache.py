@@ -118,3 +118,15 @@ def test_qjl_keys_generate_through_the_triton_kernel(monkeypatch):
     cache = TurboQuantCache(key_qjl=True)
     cache.update(torch.randn(1, 1, 4, 64, device=dev), torch.randn(1, 1, 4, 64, device=dev), 0)
     assert cache.layers[0].backend == "torch"
+
+
+def test_qjl_keys_of_wide_heads_are_quantized_on_pytorch():
+    """backend="triton": the quantize kernel writes QJL sketches up to head_dim 128 (its [D, D] sketch matrix is
+    one tile); wider heads are quantized on the PyTorch path and still decoded by the kernel."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    for head_dim, kernel in ((128, True), (256, False)):
+        cache = TurboQuantCache(backend="triton", residual_length=0, key_qjl=True)
+        k = torch.randn(1, 1, 5, head_dim, device=dev)
+        cache.update(k, k, 0)
+        layer = cache.layers[0]
+        assert layer._codec_kernels is kernel and layer.k_rnorm[0, 0, :5].gt(0).all()

@@ -173,9 +173,8 @@ class TurboQuantLayer(CacheLayerMixin):
             raise ValueError(
                 f"layer {self.layer_idx}: TurboQuantCache cannot quantize head_dim={self.head_dim}: {e}"
             ) from None
-        # "auto" keeps the reference path for QJL keys (their decode kernel, backend="triton", has run
-        # under the interpreter only; they are quantized on PyTorch) and for split codes other than
-        # half/half at a power-of-two head_dim.
+        # "auto" keeps the reference path for QJL keys (their kernels, backend="triton", have run under
+        # the interpreter only) and for split codes other than half/half at a power-of-two head_dim.
         no_kernel = cfg.key_qjl or (cfg.outlier_fraction and not self.key_quantizer.kernel_readable)
         self.backend = "torch" if no_kernel and cfg.backend == "auto" else _resolve_backend(cfg.backend, self.device)
         if self.backend == "triton" and cfg.outlier_fraction and not self.key_quantizer.kernel_readable:
@@ -222,9 +221,9 @@ class TurboQuantLayer(CacheLayerMixin):
 
     @property
     def _codec_kernels(self) -> bool:
-        """Whether quantizing and dequantizing run the Triton kernels (QJL keys stay on PyTorch: only the
-        decode kernel reads them)."""
-        return self.backend == "triton" and not self.config.key_qjl
+        """Whether quantizing and dequantizing run the Triton kernels (QJL keys of head_dim > 128 stay on
+        PyTorch: the quantize kernel holds the [D, D] sketch matrix in one tile)."""
+        return self.backend == "triton" and not (self.config.key_qjl and self.head_dim > 128)
 
     def _code_sets(self, which: str) -> list:
         """`(quantizer, channel slice, codes [B, H, C, bytes], norms [B, H, C], mean [H, d] or None)` of
@@ -298,8 +297,9 @@ class TurboQuantLayer(CacheLayerMixin):
             for x, which, perm in ((k, "k", self.k_perm), (v, "v", self.v_perm)):
                 if perm is not None:  # split codes: the sets are channel ranges of the permuted vector
                     x = x.gather(-1, perm[None, :, None, :].expand(x.shape))
+                qjl = (self.k_qjl, self.k_rnorm) if which == "k" and self.config.key_qjl else None
                 for qz, ch, codes, norms, mean in self._code_sets(which):
-                    quantize_pack(x[..., ch], qz, codes, norms, start, mean=mean)
+                    quantize_pack(x[..., ch], qz, codes, norms, start, mean=mean, qjl=qjl)
         else:
             # The reference codec's temporaries take ~KBs per vector (one-hot bit streams, distances to
             # every centroid): a long prefill is quantized a slice of tokens at a time.

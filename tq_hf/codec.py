@@ -16,8 +16,8 @@ of inner products: (b-1)-bit mse codes plus a 1-bit QJL sign sketch of the resid
     qjl = sign(S r),  S ~ N(0, 1)^{d x d}    seeded, independent of Pi; plus ||r|| (fp32)
     <q, x>  ~=  <q, x_mse> + ||r|| * sqrt(pi/2) / d * <S q, qjl>     (unbiased over S)
 
-The cache uses it for keys with `TurboQuantConfig(key_qjl=True)` (quantized on the PyTorch path; the
-decode kernel reads it with `backend="triton"`).
+The cache uses it for keys with `TurboQuantConfig(key_qjl=True)`; with `backend="triton"` the quantize
+kernel writes it (head_dim <= 128) and the decode kernel reads it.
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ class TurboQuantizer:
         norm_correction: store ||x|| / ||c[idx]|| so the dequantized vector has exactly ||x||. Off by
             default (the paper's form, which is MSE-optimal: at 1 bit correction raises MSE to ~0.40).
         mode: "mse" (default): TurboQuant_mse. "prod": TurboQuant_prod (the cache uses it for keys
-            with `key_qjl=True`: quantized on the PyTorch path, read by the decode kernel).
+            with `key_qjl=True`; its Triton kernels take `mse_bits` codes plus the sketch planes).
 
     `quantize(x)` takes `[..., dim]` and returns a dict with `codes` (uint8 `[..., dim*mse_bits/8]`),
     `norms` (fp32 `[...]`) and `dtype`; in "prod" mode also `qjl` (uint8 `[..., dim/8]`: the packed
@@ -217,6 +217,17 @@ class TurboQuantizer:
         if device not in self._qjl_per_device:
             self._qjl_per_device[device] = qjl_matrix(self.dim, self.seed, device)
         return self._qjl_per_device[device]
+
+    def qjl_rotated(self, device) -> torch.Tensor:
+        """Rot @ S.T `[d, d]` (fp32, cached per device, "prod" mode): a residual r_rot in the rotated space
+        (r = r_rot @ Rot) has the sketch sign(r_rot @ (Rot @ S.T)), which is how the quantize kernel
+        computes it."""
+        device = torch.device(device)
+        key = ("rotated", device)
+        if key not in self._qjl_per_device:
+            rot, _, _ = self.tensors(device)
+            self._qjl_per_device[key] = (rot.double() @ self.qjl_tensor(device).double().T).float()
+        return self._qjl_per_device[key]
 
     def indices(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Unpacked codes (int64 `[..., d]`) and stored norms (fp32 `[...]`) of `x` `[..., d]`
