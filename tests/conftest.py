@@ -163,3 +163,28 @@ def continuation_calls(monkeypatch):
 
     monkeypatch.setattr(tq_attention, "reference_attention", spy)
     return calls
+
+
+def decode_on_both_backends(monkeypatch, seed: int, *args, **options):
+    """Greedy `generate` (6 new tokens, batch 2, 40-token prompt) of a llama with head_dim 64 and the
+    "turboquant" attention, once with `TurboQuantCache(*args, backend="triton", **options)` and once with
+    backend "torch" (GPU if present, else the Triton interpreter). Returns `(scores, calls, layers)`:
+    the stacked logits per backend, the decode-kernel calls counted, the model's layer count."""
+    from tq_hf.kernels import decode as decode_module
+
+    from tq_hf import TurboQuantCache
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = make_model("llama", "turboquant", hidden_size=256).to(dev)
+    ids = torch.randint(3, 256, (2, 40), generator=torch.Generator().manual_seed(seed)).to(dev)
+    calls = []
+    real = decode_module.decode_attention
+    monkeypatch.setattr(decode_module, "decode_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    scores = {}
+    for backend in ("triton", "torch"):
+        cache = TurboQuantCache(*args, backend=backend, residual_length=8, **options)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                             output_scores=True, return_dict_in_generate=True, pad_token_id=0, **cache_kw(cache))
+        scores[backend] = torch.stack(out.scores)
+    return scores, calls, model.config.num_hidden_layers
+

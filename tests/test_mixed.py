@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import cache_kw, make_model
+from conftest import cache_kw, decode_on_both_backends, make_model
 from transformers import DynamicCache
 
 from tq_hf import TurboQuantCache, TurboQuantConfig
@@ -135,20 +135,8 @@ def test_auto_backend_of_split_codes(monkeypatch):
 def test_split_preset_generates_through_the_triton_kernel(monkeypatch):
     """backend="triton": the "turboquant" attention decodes split codes with the kernel (Triton interpreter on
     CPU), giving the reference path's logits."""
-    from tq_hf.kernels import decode as decode_module
-
-    model = make_model("llama", "turboquant", hidden_size=256).to(DEV)  # head_dim 64
-    ids = torch.randint(3, 256, (2, 40), generator=torch.Generator().manual_seed(4)).to(DEV)
-    calls = []
-    real = decode_module.decode_attention
-    monkeypatch.setattr(decode_module, "decode_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
-    scores = {}
-    for backend in ("triton", "torch"):
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
-                             output_scores=True, return_dict_in_generate=True, pad_token_id=0,
-                             **cache_kw(TurboQuantCache("3.5bit", backend=backend, residual_length=8)))
-        scores[backend] = torch.stack(out.scores)
-    assert len(calls) == 5 * model.config.num_hidden_layers  # every decode step of every layer
+    scores, calls, layers = decode_on_both_backends(monkeypatch, 4, "3.5bit")
+    assert len(calls) == 5 * layers  # every decode step of every layer
     torch.testing.assert_close(scores["triton"], scores["torch"], rtol=0, atol=1e-3)
 
 

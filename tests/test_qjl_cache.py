@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import cache_kw, make_model
+from conftest import cache_kw, decode_on_both_backends, make_model
 from transformers import DynamicCache
 
 from tq_hf import TurboQuantCache, TurboQuantConfig
@@ -99,22 +99,10 @@ def test_vector_bytes_count_the_sketch():
 def test_qjl_keys_generate_through_the_triton_kernel(monkeypatch):
     """backend="triton" (opt-in): the "turboquant" attention decodes QJL keys with the kernel (Triton
     interpreter on CPU), giving the reference path's logits; backend="auto" keeps the reference path."""
-    from tq_hf.kernels import decode as decode_module
-
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    model = make_model("llama", "turboquant", hidden_size=256).to(dev)  # head_dim 64
-    ids = torch.randint(3, 256, (2, 40), generator=torch.Generator().manual_seed(5)).to(dev)
-    calls = []
-    real = decode_module.decode_attention
-    monkeypatch.setattr(decode_module, "decode_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
-    scores = {}
-    for backend in ("triton", "torch"):
-        cache = TurboQuantCache(backend=backend, residual_length=8, key_qjl=True)
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
-                             output_scores=True, return_dict_in_generate=True, pad_token_id=0, **cache_kw(cache))
-        scores[backend] = torch.stack(out.scores)
-    assert len(calls) == 5 * model.config.num_hidden_layers  # every decode step of every layer
+    scores, calls, layers = decode_on_both_backends(monkeypatch, 5, key_qjl=True)
+    assert len(calls) == 5 * layers  # every decode step of every layer
     torch.testing.assert_close(scores["triton"], scores["torch"], rtol=0, atol=1e-3)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
     cache = TurboQuantCache(key_qjl=True)
     cache.update(torch.randn(1, 1, 4, 64, device=dev), torch.randn(1, 1, 4, 64, device=dev), 0)
     assert cache.layers[0].backend == "torch"
