@@ -112,10 +112,17 @@ def _outliers_first(x: torch.Tensor, n_outlier: int, mean: torch.Tensor | None =
     return (~is_out).to(torch.int8).argsort(dim=-1, stable=True)
 
 
-def in_model_order(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+def in_split_order(x: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """`x` `[B, H, T, D]` in a split layer's channel order `perm` `[H, D]` (outliers first: column c
+    is the model's channel `perm[h, c]`). `in_model_order` undoes it."""
+    return x.gather(-1, perm[None, :, None, :].expand(x.shape))
+
+
+def in_model_order(x: torch.Tensor, perm: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """`x` `[B, H, T, D]` whose channels are in a split layer's order `perm` `[H, D]` (outliers
-    first; `x[..., c]` is channel `perm[h, c]`), back in the model's channel order."""
-    return torch.empty_like(x).scatter_(-1, perm[None, :, None, :].expand(x.shape), x)
+    first; `x[..., c]` is channel `perm[h, c]`), back in the model's channel order (into `out` if given)."""
+    out = torch.empty_like(x) if out is None else out
+    return out.scatter_(-1, perm[None, :, None, :].expand(x.shape), x)
 
 
 def tagged_layer(t: torch.Tensor):
@@ -296,7 +303,7 @@ class TurboQuantLayer(CacheLayerMixin):
 
             for x, which, perm in ((k, "k", self.k_perm), (v, "v", self.v_perm)):
                 if perm is not None:  # split codes: the sets are channel ranges of the permuted vector
-                    x = x.gather(-1, perm[None, :, None, :].expand(x.shape))
+                    x = in_split_order(x, perm)
                 qjl = (self.k_qjl, self.k_rnorm) if which == "k" and self.config.key_qjl else None
                 for qz, ch, codes, norms, mean in self._code_sets(which):
                     quantize_pack(x[..., ch], qz, codes, norms, start, mean=mean, qjl=qjl)
@@ -315,7 +322,7 @@ class TurboQuantLayer(CacheLayerMixin):
         ):
             x = x.float() - mean[None, :, None, :] if mean is not None else x.float()
             if perm is not None:
-                x = x.gather(-1, perm[None, :, None, :].expand(x.shape))
+                x = in_split_order(x, perm)
             # ||x|| in fp32 overflows once |x_i| passes ~1e19 (and underflows below ~1e-19). Scaling
             # each vector by a power of two first is exact: ordinary vectors get the same codes and
             # norm bits, huge and tiny ones stay finite.
@@ -421,7 +428,7 @@ class TurboQuantLayer(CacheLayerMixin):
                     for qz, ch, codes, norms, mean in self._code_sets(which):
                         dequantize(codes, norms, qz, start, tmp[..., ch], mean=mean)
                     if perm is not None:
-                        dst.scatter_(-1, perm[None, :, None, :].expand(dst.shape), tmp)
+                        in_model_order(tmp, perm, out=dst)
             else:
                 s = slice(start, q_end)
                 k = self.key_quantizer.dequantize(
