@@ -499,8 +499,7 @@ def _spans(model, cache, device):
 
     def totals():
         if cuda:
-            for d in _model_gpus(model):
-                torch.cuda.synchronize(d)
+            _Timer(_model_gpus(model)).sync()
             return tuple(sum(s.elapsed_time(e) for s, e in spans[k]) / 1e3 for k in ("attn", "update"))
         return tuple(sum(spans[k]) for k in ("attn", "update"))
 
