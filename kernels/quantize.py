@@ -82,14 +82,15 @@ def _quantize_pack_kernel(
         cand = code + (1 << (BITS - 1 - lvl))
         code = tl.where(y > tl.load(Bnd + cand - 1), cand, code)
     code = tl.where(dmask[None, :], code, 0)
-    if NORM_CORRECTION:
+    if NORM_CORRECTION or QJL:
         c = tl.where(dmask[None, :], tl.load(Cent + code), 0.0)
+    if NORM_CORRECTION:
         norm = norm / tl.sqrt(tl.sum(c * c, axis=1))
     pos = offset + t
     if QJL:
         # r = x - x_mse is r_rot @ Rot with r_rot = x @ Rot.T - norm * c[idx] (the stored norm): its sketch
         # sign(r @ S.T) = sign(r_rot @ (Rot @ S.T)); sign(0) counts as +1, as in the PyTorch codec.
-        r = y_raw - norm[:, None] * tl.where(dmask[None, :], tl.load(Cent + code), 0.0)
+        r = y_raw - norm[:, None] * c
         sk_row = Sketch + b * ssb + h * ssh + pos * sst
         for j0 in tl.static_range(0, BLOCK_D, BLOCK_K):  # sketch columns a chunk at a time: small M tiles
             if j0 < D:
