@@ -108,12 +108,32 @@ def _sha256(path: str) -> str:
     return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
 
 
-def _batch(corpus: torch.Tensor, starts: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """`[B, seq_len + 1]` int64: BOS then `seq_len` bytes from each start."""
+def _batch(corpus: torch.Tensor, starts: torch.Tensor, seq_len: int, copy_prob: float = 0.0,
+           gen: torch.Generator | None = None) -> torch.Tensor:
+    """`[B, seq_len + 1]` int64: BOS then `seq_len` bytes from each start.
+
+    With `copy_prob` > 0, each sequence (with that probability) gets one span of 8-64 of its own
+    bytes written again further on, over the text there (`_plant_copy`)."""
     idx = starts[:, None] + torch.arange(seq_len)[None, :]
     body = corpus[idx].long()
+    if copy_prob > 0:
+        for i in torch.nonzero(torch.rand(len(body), generator=gen) < copy_prob).flatten().tolist():
+            _plant_copy(body[i], gen)  # a view: writes into `body`
     bos = torch.full((len(starts), 1), ByteTokenizer.bos_token_id, dtype=torch.long)
     return torch.cat([bos, body], 1)
+
+
+def _plant_copy(row: torch.Tensor, gen: torch.Generator | None) -> None:
+    """Copy a random span of `row` (8-64 bytes, at most a third of it) to a random later place, in place.
+
+    Copying from context is what induction heads do and what a passkey test asks; on source code
+    alone a few-million-parameter model learns it slowly (repeated identifiers are short and
+    mostly predictable without looking back), so some sequences carry a long exact repeat."""
+    n = row.numel()
+    span = int(torch.randint(8, min(64, n // 3) + 1, (1,), generator=gen))
+    src = int(torch.randint(0, n - 2 * span + 1, (1,), generator=gen))
+    dst = int(torch.randint(src + span, n - span + 1, (1,), generator=gen))
+    row[dst : dst + span] = row[src : src + span].clone()
 
 
 def _lr(step: int, steps: int, peak: float, warmup: int) -> float:
@@ -138,7 +158,7 @@ def _eval_loss(model, batches: list[torch.Tensor]) -> float:
 def train(out: str, steps: int = 600, batch_size: int = 8, seq_len: int = 512, lr: float = 3e-3,
           warmup: int = 40, weight_decay: float = 0.1, seed: int = 0, eval_every: int = 50,
           save_dtype: str = "bfloat16", threads: int | None = None, config_overrides: dict | None = None,
-          command: str | None = None, log=print) -> dict:
+          copy_prob: float = 0.0, command: str | None = None, log=print) -> dict:
     """Train the reference model and save `config.json`, `model.safetensors` and `train_log.json`
     in `out`. Returns the log (also written to `train_log.json`).
 
@@ -153,6 +173,8 @@ def train(out: str, steps: int = 600, batch_size: int = 8, seq_len: int = 512, l
         save_dtype: dtype of the saved weights ("bfloat16" halves the file; training is in fp32).
         threads: torch CPU threads (default: torch's own choice); recorded in the log.
         config_overrides: `LlamaConfig` fields replacing `REF_MODEL_CONFIG`.
+        copy_prob: fraction of training sequences given one planted repeat of their own text
+            (`_plant_copy`); 0 trains on the plain text.
         command: the command line, recorded in the log.
     """
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -160,6 +182,10 @@ def train(out: str, steps: int = 600, batch_size: int = 8, seq_len: int = 512, l
     if threads:
         torch.set_num_threads(threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # On a GPU: fp32 weights and optimizer, bf16 autocast for the forward and backward (flash
+    # attention, bf16 matmuls). On a CPU: plain fp32, bit-reproducible for one thread count.
+    cuda = device.type == "cuda"
+    precision = "bf16 autocast, fp32 weights" if cuda else "fp32"
     train_files, held_files = corpus_files()
     corpus = load_corpus(train_files)
     held = load_corpus(held_files)
@@ -176,7 +202,8 @@ def train(out: str, steps: int = 600, batch_size: int = 8, seq_len: int = 512, l
     held_starts = torch.linspace(0, len(held) - seq_len - 1, 8).long()
     held_batches = [_batch(held, held_starts, seq_len).to(device)]
     log(f"training {n_params / 1e6:.2f}M parameters on {len(train_files)} files ({len(corpus) / 1e6:.2f} MB), "
-        f"{steps} steps x {batch_size} x {seq_len} bytes, device {device}, {torch.get_num_threads()} threads")
+        f"{steps} steps x {batch_size} x {seq_len} bytes, device {device} ({precision}), "
+        f"{torch.get_num_threads()} threads")
     curve, evals = [], []
     t0 = time.perf_counter()
     model.train()
@@ -184,9 +211,10 @@ def train(out: str, steps: int = 600, batch_size: int = 8, seq_len: int = 512, l
         for g in opt.param_groups:
             g["lr"] = _lr(step, steps, lr, warmup)
         starts = torch.randint(0, len(corpus) - seq_len, (batch_size,), generator=gen)
-        x = _batch(corpus, starts, seq_len).to(device)
-        logits = model(x[:, :-1]).logits
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+        x = _batch(corpus, starts, seq_len, copy_prob, gen).to(device)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            logits = model(x[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -218,6 +246,8 @@ def train(out: str, steps: int = 600, batch_size: int = 8, seq_len: int = 512, l
         "batch_size": batch_size,
         "seq_len": seq_len,
         "tokens_seen": steps * batch_size * seq_len,
+        "copy_prob": copy_prob,
+        "precision": precision,
         "optimizer": {"name": "AdamW", "lr": lr, "betas": [0.9, 0.95], "weight_decay": weight_decay,
                       "warmup": warmup, "schedule": "linear warm-up, cosine to 10 %", "grad_clip": 1.0},
         "parameters": n_params,
@@ -266,12 +296,16 @@ def main(argv=None) -> int:
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--save-dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    p.add_argument("--copy-prob", type=float, default=0.0,
+                   help="fraction of sequences given one planted repeat of their own text (teaches copying)")
     a = p.parse_args(argv)
+    if not 0.0 <= a.copy_prob <= 1.0:
+        p.error("--copy-prob must be in [0, 1]")
     for name in ("steps", "batch_size", "seq_len", "warmup", "eval_every"):
         if getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     train(a.out, steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr, warmup=a.warmup,
-          seed=a.seed, eval_every=a.eval_every, threads=a.threads, save_dtype=a.save_dtype,
+          seed=a.seed, eval_every=a.eval_every, threads=a.threads, save_dtype=a.save_dtype, copy_prob=a.copy_prob,
           command="python -m tq_hf.train " + " ".join(sys.argv[1:] if argv is None else argv))
     return 0
 
