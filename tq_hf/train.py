@@ -112,8 +112,8 @@ def _batch(corpus: torch.Tensor, starts: torch.Tensor, seq_len: int, copy_prob: 
            gen: torch.Generator | None = None) -> torch.Tensor:
     """`[B, seq_len + 1]` int64: BOS then `seq_len` bytes from each start.
 
-    With `copy_prob` > 0, each sequence (with that probability) gets one span of 8-64 of its own
-    bytes written again further on, over the text there (`_plant_copy`)."""
+    With `copy_prob` > 0, each sequence (with that probability) gets one random string written at
+    two places, over the text there (`_plant_copy`)."""
     idx = starts[:, None] + torch.arange(seq_len)[None, :]
     body = corpus[idx].long()
     if copy_prob > 0:
@@ -124,16 +124,22 @@ def _batch(corpus: torch.Tensor, starts: torch.Tensor, seq_len: int, copy_prob: 
 
 
 def _plant_copy(row: torch.Tensor, gen: torch.Generator | None) -> None:
-    """Copy a random span of `row` (8-64 bytes, at most a third of it) to a random later place, in place.
+    """Write one random string (8-32 letters and digits) at two random places of `row`, in place.
 
-    Copying from context is what induction heads do and what a passkey test asks; on source code
-    alone a few-million-parameter model learns it slowly (repeated identifiers are short and
-    mostly predictable without looking back), so some sequences carry a long exact repeat."""
+    Copying from context is what induction heads do and what a passkey test asks. On source code
+    alone a model this small never learns it: the corpus is small enough to memorise, and what
+    repeats in code (identifiers) is mostly predictable without looking back. A random string is
+    predictable the second time only by finding the first."""
     n = row.numel()
-    span = int(torch.randint(8, min(64, n // 3) + 1, (1,), generator=gen))
+    span = int(torch.randint(8, min(32, n // 3) + 1, (1,), generator=gen))
+    text = _ALNUM[torch.randint(0, len(_ALNUM), (span,), generator=gen)]
     src = int(torch.randint(0, n - 2 * span + 1, (1,), generator=gen))
     dst = int(torch.randint(src + span, n - span + 1, (1,), generator=gen))
-    row[dst : dst + span] = row[src : src + span].clone()
+    row[src : src + span] = text
+    row[dst : dst + span] = text
+
+
+_ALNUM = torch.tensor(list(b"abcdefghijklmnopqrstuvwxyz0123456789"))
 
 
 def _lr(step: int, steps: int, peak: float, warmup: int) -> float:
@@ -173,7 +179,7 @@ def train(out: str, steps: int = 600, batch_size: int = 8, seq_len: int = 512, l
         save_dtype: dtype of the saved weights ("bfloat16" halves the file; training is in fp32).
         threads: torch CPU threads (default: torch's own choice); recorded in the log.
         config_overrides: `LlamaConfig` fields replacing `REF_MODEL_CONFIG`.
-        copy_prob: fraction of training sequences given one planted repeat of their own text
+        copy_prob: fraction of training sequences given one random string planted twice
             (`_plant_copy`); 0 trains on the plain text.
         command: the command line, recorded in the log.
     """
@@ -297,7 +303,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--save-dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--copy-prob", type=float, default=0.0,
-                   help="fraction of sequences given one planted repeat of their own text (teaches copying)")
+                   help="fraction of sequences given one random string planted twice (teaches copying)")
     a = p.parse_args(argv)
     if not 0.0 <= a.copy_prob <= 1.0:
         p.error("--copy-prob must be in [0, 1]")
