@@ -97,15 +97,15 @@ def test_vector_bytes_count_the_sketch():
 
 
 def test_qjl_keys_generate_through_the_triton_kernel(monkeypatch):
-    """backend="triton" (opt-in): the "turboquant" attention decodes QJL keys with the kernel (Triton
-    interpreter on CPU), giving the reference path's logits; backend="auto" keeps the reference path."""
+    """The "turboquant" attention decodes QJL keys with the kernel (Triton interpreter on CPU), giving
+    the reference path's logits; backend="auto" picks the kernel on CUDA and the reference on CPU."""
     scores, calls, layers = decode_on_both_backends(monkeypatch, 5, key_qjl=True)
     assert len(calls) == 5 * layers  # every decode step of every layer
     torch.testing.assert_close(scores["triton"], scores["torch"], rtol=0, atol=1e-3)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     cache = TurboQuantCache(key_qjl=True)
     cache.update(torch.randn(1, 1, 4, 64, device=dev), torch.randn(1, 1, 4, 64, device=dev), 0)
-    assert cache.layers[0].backend == "torch"
+    assert cache.layers[0].backend == ("triton" if dev == "cuda" else "torch")
 
 
 def test_qjl_keys_of_wide_heads_are_quantized_on_pytorch():

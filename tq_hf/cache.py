@@ -180,9 +180,8 @@ class TurboQuantLayer(CacheLayerMixin):
             raise ValueError(
                 f"layer {self.layer_idx}: TurboQuantCache cannot quantize head_dim={self.head_dim}: {e}"
             ) from None
-        # "auto" keeps the reference path for QJL keys (their kernels, backend="triton", have run under
-        # the interpreter only) and for split codes other than half/half at a power-of-two head_dim.
-        no_kernel = cfg.key_qjl or (cfg.outlier_fraction and not self.key_quantizer.kernel_readable)
+        # "auto" keeps the reference path for split codes other than half/half at a power-of-two head_dim.
+        no_kernel = cfg.outlier_fraction and not self.key_quantizer.kernel_readable
         self.backend = "torch" if no_kernel and cfg.backend == "auto" else _resolve_backend(cfg.backend, self.device)
         if self.backend == "triton" and cfg.outlier_fraction and not self.key_quantizer.kernel_readable:
             raise ValueError(
