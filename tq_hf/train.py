@@ -2,25 +2,32 @@
 Python's own standard-library sources, so quality can be measured offline on a trained model
 instead of random weights (whose logits are nearly tied).
 
-    python -m tq_hf.train --out tq_hf/data/ref_model --threads 1  # the shipped model (2-core CPU: 8-16 min)
-    python -m tq_hf.train --out /tmp/m --steps 20 --batch-size 4  # a smoke run
+    # the shipped model: one GPU, ~2-3 min (an H200: 144 s while two other runs shared it)
+    python -m tq_hf.train --out tq_hf/data/ref_model --steps 3000 --batch-size 32 --seq-len 1024 \
+        --copy-prob 1.0 --lr 1e-3 --eval-every 500
+    python -m tq_hf.train --out /tmp/m --steps 20 --batch-size 4  # a smoke run (CPU: seconds)
 
 Data: the top-level `*.py` files of the running interpreter's standard library (`sysconfig`'s
 "stdlib" path), sorted by name; the files in `EVAL_FILES` are held out for evaluation (perplexity,
 retrieval) and never trained on. Bytes are tokens (`tq_hf.models.ByteTokenizer`: 0-255, BOS 256,
 EOS 257); each training sequence is BOS followed by a window of the concatenated training files
-at a seeded random offset.
+at a seeded random offset. With `--copy-prob`, that fraction of the windows also gets one random
+string of 8-32 letters and digits written at two places (`_plant_copy`).
 
-What a few CPU minutes buy: the shipped model (600 steps x 8 x 512 bytes, 2.5M bytes seen) reaches
-1.81 nats per byte on the held-out files and uses mostly the last 16-64 bytes of context. It has not
-learned to copy: induction heads did not form within the budget, not even when small trial models
-ran up to 2,500 steps on pure repeated random strings, nor with repeated spans planted in the text.
-A model that copies (and passes a passkey test) needs far more steps: on a GPU, raise `--steps`.
+Why the planted strings: trained on the code alone, a model of this size learns no copying. An
+H200 run of 6000 steps x 32 x 1024 bytes (`--copy-prob 0`) memorised the 4.6 MB corpus (train loss
+0.53, held-out 1.10 nats per byte) and predicted the second copy of a random string no better
+than the first; planting spans of the text itself did not change that. With random strings
+planted in every window, 3000 steps bring held-out loss to 0.99 nats per byte and the second copy
+of a 48-letter random string to 0.25 nats per byte (4.2 for the first). Passkey retrieval stays
+weak: the model copies a key once it has its first character, but after `passkey = "` it mostly
+predicts the `"` of an empty string (`python -m tq_hf eval`).
 
 Everything that decides the result is seeded (`--seed`: initialisation and window offsets) and
 recorded in `train_log.json` next to the weights, with the files and their SHA-256, the Python,
 torch and transformers versions, the device, wall time and the loss curve. On a CPU the result is
-bit-reproducible for the same versions and thread count; another Python version has other sources.
+bit-reproducible for the same versions and thread count; on a GPU (bf16 autocast) it is not bit
+for bit. Another Python version has other sources: the shipped model saw Python 3.12.3's.
 """
 
 from __future__ import annotations
