@@ -39,6 +39,7 @@ def _quantize_pack_kernel(
     BLOCK_D: tl.constexpr,  # next power of two >= D (tl.arange needs one)
     BLOCK_T: tl.constexpr,  # >= 16: tl.dot's smallest tile
     BLOCK_K: tl.constexpr,  # rotation K-chunk: a [BLOCK_K, BLOCK_D] fp32 tile fits in shared memory
+    BLOCK_J: tl.constexpr,  # QJL: sketch columns per chunk, a [BLOCK_D, BLOCK_J] fp32 tile of Rot @ S.T
     BITS: tl.constexpr,
     HAS_MEAN: tl.constexpr,
     NORM_CORRECTION: tl.constexpr,
@@ -92,12 +93,12 @@ def _quantize_pack_kernel(
         # sign(r @ S.T) = sign(r_rot @ (Rot @ S.T)); sign(0) counts as +1, as in the PyTorch codec.
         r = y_raw - norm[:, None] * c
         sk_row = Sketch + b * ssb + h * ssh + pos * sst
-        for j0 in tl.static_range(0, BLOCK_D, BLOCK_K):  # sketch columns a chunk at a time: small M tiles
+        for j0 in tl.static_range(0, BLOCK_D, BLOCK_J):  # sketch columns a chunk at a time: small M tiles
             if j0 < D:
-                jj = j0 + tl.arange(0, BLOCK_K)
+                jj = j0 + tl.arange(0, BLOCK_J)
                 m = tl.load(Mqjl + d[:, None] * D + jj[None, :], mask=dmask[:, None] & (jj < D)[None, :], other=0.0)
                 sk = tl.dot(r, m, input_precision="ieee")
-                store_codes(sk_row + j0 // 8, tmask, (sk >= 0).to(tl.int32), min(BLOCK_K, D - j0), BLOCK_K, 1)
+                store_codes(sk_row + j0 // 8, tmask, (sk >= 0).to(tl.int32), min(BLOCK_J, D - j0), BLOCK_J, 1)
         rn = tl.sqrt(tl.sum(r * r, axis=1)) * ((e + 127) << 23).to(tl.float32, bitcast=True)
         tl.store(Rnorm + b * srb + h * srh + pos * srt, rn, mask=tmask)
     norm = norm * ((e + 127) << 23).to(tl.float32, bitcast=True)  # * 2**e
@@ -178,7 +179,7 @@ def _check_planes(codes, norms, quantizer, allow_prod=False):
 def quantize_pack(x, quantizer, codes, norms, offset, mean=None, qjl=None, block_t=16):
     """Quantize `x` `[B, H, T, D]` with `quantizer` (minus `mean` `[H, D]` if given) and write
     codes/norms at positions [offset, offset + T) of `codes` `[B, H, C, D*mse_bits/8]` / `norms`
-    `[B, H, C]`. A "prod" quantizer (TurboQuant_prod, D <= 128) also writes the residual's QJL sketch and
+    `[B, H, C]`. A "prod" quantizer (TurboQuant_prod) also writes the residual's QJL sketch and
     norm into `qjl` = (sketch `[B, H, C, D/8]` uint8, residual norms `[B, H, C]` fp32)."""
     _check_planes(codes, norms, quantizer, allow_prod=True)
     B, H, T, D = x.shape
@@ -189,8 +190,6 @@ def quantize_pack(x, quantizer, codes, norms, offset, mean=None, qjl=None, block
         raise ValueError("qjl planes are written for, and only for, a quantizer in 'prod' mode")
     if prod:
         sketch, rnorm = qjl
-        if D > 128:  # the [D, D] sketch matrix is one shared-memory tile
-            raise ValueError(f"the quantize kernel writes QJL sketches for head_dim <= 128, got {D}")
         if (sketch.dtype != torch.uint8 or sketch.shape != (*codes.shape[:3], D // 8) or sketch.stride(-1) != 1
                 or rnorm.dtype != torch.float32 or rnorm.shape != codes.shape[:3]):
             raise ValueError("qjl must be (uint8 [B, H, C, D/8] with contiguous rows, fp32 [B, H, C]) matching codes")
@@ -206,6 +205,8 @@ def quantize_pack(x, quantizer, codes, norms, offset, mean=None, qjl=None, block
             *x.stride(), *codes.stride()[:3], *norms.stride(), *sketch.stride()[:3], *rnorm.stride(),
             D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_T=block_t, BITS=quantizer.mse_bits,
             BLOCK_K=min(64, max(16, triton.next_power_of_2(D))),
+            # the [BLOCK_D, BLOCK_J] chunk of Rot @ S.T stays at 8K fp32 values (32 per thread at 8 warps)
+            BLOCK_J=min(64, 8192 // max(16, triton.next_power_of_2(D))),
             HAS_MEAN=mean is not None, NORM_CORRECTION=quantizer.norm_correction, QJL=prod,
             # QJL holds the residual and sketch tiles too: with 4 warps ptxas (sm_90, Triton 3.6) spills
             # 5.6 KB per thread at D = 128, with 8 warps 0.5 KB.

@@ -108,13 +108,19 @@ def test_qjl_keys_generate_through_the_triton_kernel(monkeypatch):
     assert cache.layers[0].backend == ("triton" if dev == "cuda" else "torch")
 
 
-def test_qjl_keys_of_wide_heads_are_quantized_on_pytorch():
-    """backend="triton": the quantize kernel writes QJL sketches up to head_dim 128 (its [D, D] sketch matrix is
-    one tile); wider heads are quantized on the PyTorch path and still decoded by the kernel."""
+def test_qjl_keys_are_quantized_by_the_kernel_at_every_head_dim(monkeypatch):
+    """backend="triton": the quantize kernel writes the QJL sketch and residual norm of keys, head_dim
+    64 to 256 (the kernel's own match against the reference: tests/test_kernels.py)."""
+    import tq_hf.kernels as tk
+
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    for head_dim, kernel in ((128, True), (256, False)):
+    launches = []
+    real = tk.quantize_pack
+    monkeypatch.setattr(tk, "quantize_pack", lambda *a, **kw: launches.append(kw.get("qjl")) or real(*a, **kw))
+    for head_dim in (64, 256):
         cache = TurboQuantCache(backend="triton", residual_length=0, key_qjl=True)
         k = torch.randn(1, 1, 5, head_dim, device=dev)
         cache.update(k, k, 0)
         layer = cache.layers[0]
-        assert layer._codec_kernels is kernel and layer.k_rnorm[0, 0, :5].gt(0).all()
+        assert launches[-2] is not None and launches[-1] is None  # keys with their QJL planes, then values
+        assert layer.k_rnorm[0, 0, :5].gt(0).all() and layer.k_qjl[0, 0, :5].ne(0).any()

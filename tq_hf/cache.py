@@ -225,12 +225,6 @@ class TurboQuantLayer(CacheLayerMixin):
                     "fp32 norms could overflow; not caching them"
                 )
 
-    @property
-    def _codec_kernels(self) -> bool:
-        """Whether quantizing and dequantizing run the Triton kernels (QJL keys of head_dim > 128 stay on
-        PyTorch: the quantize kernel holds the [D, D] sketch matrix in one tile)."""
-        return self.backend == "triton" and not (self.config.key_qjl and self.head_dim > 128)
-
     def _code_sets(self, which: str) -> list:
         """`(quantizer, channel slice, codes [B, H, C, bytes], norms [B, H, C], mean [H, d] or None)` of
         each code set of the keys ("k") or values ("v"): the whole vector, or for split codes the outliers
@@ -297,7 +291,7 @@ class TurboQuantLayer(CacheLayerMixin):
         """Quantize `k`, `v` `[B, H, T, D]` into positions [start, start + T) of the code planes (the
         kernels on the Triton backend, else the PyTorch path). No bookkeeping or checks: `update` reserves
         the capacity and calls it (and `bench kernels` times it)."""
-        if self._codec_kernels:
+        if self.backend == "triton":
             from .kernels import quantize_pack
 
             for x, which, perm in ((k, "k", self.k_perm), (v, "v", self.v_perm)):
@@ -419,7 +413,7 @@ class TurboQuantLayer(CacheLayerMixin):
         q_end = min(end, self.n_quant)
         if start < q_end:
             n = q_end - start
-            if self._codec_kernels:
+            if self.backend == "triton":
                 from .kernels import dequantize
 
                 for which, dst, perm in (("k", k_out[:, :, :n], self.k_perm), ("v", v_out[:, :, :n], self.v_perm)):

@@ -16,8 +16,8 @@ of inner products: (b-1)-bit mse codes plus a 1-bit QJL sign sketch of the resid
     qjl = sign(S r),  S ~ N(0, 1)^{d x d}    seeded, independent of Pi; plus ||r|| (fp32)
     <q, x>  ~=  <q, x_mse> + ||r|| * sqrt(pi/2) / d * <S q, qjl>     (unbiased over S)
 
-The cache uses it for keys with `TurboQuantConfig(key_qjl=True)`; with `backend="triton"` the quantize
-kernel writes it (head_dim <= 128) and the decode kernel reads it.
+The cache uses it for keys with `TurboQuantConfig(key_qjl=True)`; on the Triton backend the quantize
+kernel writes it and the decode kernel reads it.
 """
 
 from __future__ import annotations

@@ -37,9 +37,8 @@ class TurboQuantConfig:
         key_qjl: TurboQuant_prod for keys (opt-in): key_bits - 1 bits of Lloyd-Max codes plus a 1-bit
             QJL sign sketch of the residual and the residual's norm, and the "turboquant" attention adds
             the sketch's unbiased estimate of <q, residual> to every score of a quantized key (never to
-            a dequantized key). Unbiased scores, more variance than key_bits of mse codes. The PyTorch
-            path with `backend="auto"`; the Triton kernels with `backend="triton"` (quantize for
-            head_dim <= 128, decode for any; tested under the Triton interpreter, not yet on a GPU).
+            a dequantized key). Unbiased scores, more variance than key_bits of mse codes. Quantized and
+            decoded by the Triton kernels on the Triton backend (`backend="auto"` on CUDA).
             Other attention implementations and `output_attentions` see the mse keys alone.
         backend: "auto" (Triton on CUDA tensors, PyTorch reference elsewhere), "torch" or "triton".
     """
