@@ -104,3 +104,24 @@ def test_train_smoke_is_reproducible(tmp_path):
     # A folder written by the script loads with the package's loader.
     model, _ = reference_model(path=str(tmp_path / "a"))
     assert model.config.hidden_size == 32
+
+
+def test_planted_copies_repeat_a_random_string():
+    """--copy-prob: each chosen window carries one string of 8-32 letters and digits at two places, the
+    rest of it is the corpus text; the same generator seed plants the same strings."""
+    corpus = torch.tensor(list(b"ABCDEFGHIJ" * 300), dtype=torch.uint8)  # no lowercase letters or digits
+    starts = torch.tensor([0, 7, 130, 501])
+
+    def planted(p):
+        return tq_train._batch(corpus, starts, 256, p, torch.Generator().manual_seed(1))
+
+    plain, a = tq_train._batch(corpus, starts, 256), planted(1.0)
+    assert torch.equal(a, planted(1.0)) and a[:, 0].eq(ByteTokenizer.bos_token_id).all()
+    for row, ref in zip(a[:, 1:], plain[:, 1:]):
+        changed = torch.nonzero(row != ref).flatten()
+        text = bytes(row[changed].tolist())
+        assert text.isalnum() and text == text.lower()
+        # the corpus has no lowercase letters or digits: every planted byte shows, two equal runs
+        span = len(text) // 2
+        assert 8 <= span <= 32 and text[:span] == text[span:]
+    assert torch.equal(planted(0.0), plain)
