@@ -112,7 +112,7 @@ def test_split_presets_generate_close_to_dynamic_cache(preset):
 def test_auto_backend_of_split_codes(monkeypatch):
     """`backend="auto"` gives split presets the kernels where "auto" means Triton (CUDA; stubbed here, so
     the rule is checked on the CPU too) if the decode kernel reads them (half/half, a power-of-two
-    head_dim), and the reference path otherwise; QJL keys keep the reference path. The decode kernel
+    head_dim), and the reference path otherwise; QJL keys (no split) get the kernels. The decode kernel
     itself refuses splits it cannot read."""
     from tq_hf.kernels import decode_attention
 
@@ -121,7 +121,7 @@ def test_auto_backend_of_split_codes(monkeypatch):
     monkeypatch.setattr(cache_module, "_resolve_backend", lambda backend, device: "triton")
     for preset, options, head_dim, kernel in (("2.5bit", {}, 64, True), ("2.5bit", {}, 80, False),
                                               ("2.5bit", {"outlier_fraction": 0.25}, 64, False),
-                                              ("4bit", {"key_qjl": True}, 64, False)):
+                                              ("4bit", {"key_qjl": True}, 64, True)):
         cache = TurboQuantCache(preset, residual_length=0, **options)
         cache.update(torch.randn(1, 1, 16, head_dim, device=DEV), torch.randn(1, 1, 16, head_dim, device=DEV), 0)
         assert cache.layers[0].backend == ("triton" if kernel else "torch"), (preset, options, head_dim)
