@@ -190,6 +190,8 @@ def quantize_pack(x, quantizer, codes, norms, offset, mean=None, qjl=None, block
         raise ValueError("qjl planes are written for, and only for, a quantizer in 'prod' mode")
     if prod:
         sketch, rnorm = qjl
+        if D > 1024:  # sketch chunks of 8192 / D columns must hold whole bytes
+            raise ValueError(f"the quantize kernel writes QJL sketches for head_dim <= 1024, got {D}")
         if (sketch.dtype != torch.uint8 or sketch.shape != (*codes.shape[:3], D // 8) or sketch.stride(-1) != 1
                 or rnorm.dtype != torch.float32 or rnorm.shape != codes.shape[:3]):
             raise ValueError("qjl must be (uint8 [B, H, C, D/8] with contiguous rows, fp32 [B, H, C]) matching codes")
