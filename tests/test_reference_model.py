@@ -125,6 +125,8 @@ def test_planted_copies_repeat_a_random_string():
         span = len(text) // 2
         assert 8 <= span <= 32 and text[:span] == text[span:]
     assert torch.equal(planted(0.0), plain)
+    with pytest.raises(ValueError, match="seq_len >= 24"):
+        tq_train.train("/nonexistent", seq_len=16, copy_prob=0.5)
 
 
 def test_reference_model_copies_a_repeated_random_string(ref):
