@@ -116,6 +116,15 @@ def test_cli_unknown_preset(capsys):
     assert "nope" in capsys.readouterr().err
 
 
+def test_package_cli_names_its_own_command(capsys):
+    """`python -m tq_hf eval ...` names itself so in its usage line (and in eval.json's recorded command)."""
+    from tq_hf.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["eval", "--seq-len", "x"])
+    assert capsys.readouterr().err.startswith("usage: python -m tq_hf eval")
+
+
 def test_default_configs():
     rows = ev.default_configs(["k4v3"], centring_ablation=True, residual_length=0, backend="torch")
     assert [r.name for r in rows] == ["k4v3", "k4v3 no-centring"]

@@ -209,7 +209,7 @@ def main(argv=None) -> int:
     if argv[:1] == ["eval"]:
         from . import evaluate
 
-        return evaluate.main(argv[1:])
+        return evaluate.main(argv[1:], prog="python -m tq_hf eval")
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
