@@ -164,12 +164,12 @@ def on_device(device: torch.device):
     return contextlib.nullcontext()
 
 
-def _check_planes(codes, norms, quantizer, allow_prod=False):
+def _check_planes(codes, norms, quantizer):
     if codes.dtype != torch.uint8 or codes.dim() != 4 or codes.stride(-1) != 1:
         raise ValueError("codes must be a uint8 [B, H, C, row_bytes] tensor with contiguous rows")
-    if not isinstance(quantizer, TurboQuantizer) or quantizer.mode not in (("mse", "prod") if allow_prod else ("mse",)):
-        raise ValueError("the Triton codec kernel takes a TurboQuantizer in mode 'mse'" + (" or 'prod'" if allow_prod
-                         else "") + f", not {type(quantizer).__name__}(mode={getattr(quantizer, 'mode', None)!r})")
+    if not isinstance(quantizer, TurboQuantizer) or quantizer.mode not in ("mse", "prod"):
+        raise ValueError("the Triton codec kernel takes a TurboQuantizer in mode 'mse' or 'prod', not "
+                         f"{type(quantizer).__name__}(mode={getattr(quantizer, 'mode', None)!r})")
     if codes.shape[-1] != quantizer.row_bytes:
         raise ValueError(f"codes rows are {codes.shape[-1]} bytes, expected {quantizer.row_bytes}")
     if norms.dtype != torch.float32 or norms.shape != codes.shape[:3]:
@@ -181,7 +181,7 @@ def quantize_pack(x, quantizer, codes, norms, offset, mean=None, qjl=None, block
     codes/norms at positions [offset, offset + T) of `codes` `[B, H, C, D*mse_bits/8]` / `norms`
     `[B, H, C]`. A "prod" quantizer (TurboQuant_prod) also writes the residual's QJL sketch and
     norm into `qjl` = (sketch `[B, H, C, D/8]` uint8, residual norms `[B, H, C]` fp32)."""
-    _check_planes(codes, norms, quantizer, allow_prod=True)
+    _check_planes(codes, norms, quantizer)
     B, H, T, D = x.shape
     if D != quantizer.dim or codes.shape[:2] != (B, H) or offset + T > codes.shape[2]:
         raise ValueError(f"x {tuple(x.shape)} does not fit codes {tuple(codes.shape)} at offset {offset}")
@@ -199,16 +199,16 @@ def quantize_pack(x, quantizer, codes, norms, offset, mean=None, qjl=None, block
         return
     rot, cent, bnd = quantizer.tensors(x.device)
     m, sketch, rnorm = (quantizer.qjl_rotated(x.device), *qjl) if prod else (rot, codes, norms)
+    block_d = max(16, triton.next_power_of_2(D))
     grid = (B * H, -(-T // block_t))
     with on_device(x.device):
         _quantize_pack_kernel[grid](
             x, mean if mean is not None else rot, rot, bnd, cent, codes, norms, m, sketch, rnorm,
             H, T, offset,
             *x.stride(), *codes.stride()[:3], *norms.stride(), *sketch.stride()[:3], *rnorm.stride(),
-            D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_T=block_t, BITS=quantizer.mse_bits,
-            BLOCK_K=min(64, max(16, triton.next_power_of_2(D))),
+            D=D, BLOCK_D=block_d, BLOCK_T=block_t, BITS=quantizer.mse_bits, BLOCK_K=min(64, block_d),
             # the [BLOCK_D, BLOCK_J] chunk of Rot @ S.T stays at 8K fp32 values (32 per thread at 8 warps)
-            BLOCK_J=min(64, 8192 // max(16, triton.next_power_of_2(D))),
+            BLOCK_J=min(64, 8192 // block_d),
             HAS_MEAN=mean is not None, NORM_CORRECTION=quantizer.norm_correction, QJL=prod,
             # QJL holds the residual and sketch tiles too: with 4 warps ptxas (sm_90, Triton 3.6) spills
             # 5.6 KB per thread at D = 128, with 8 warps 0.5 KB.
@@ -220,21 +220,21 @@ def dequantize(codes, norms, quantizer, start, out, mean=None, block_t=32):
     """Dequantize positions [start, start + T) of `codes`/`norms` into `out` `[B, H, T, D]`
     (model dtype, any strides), adding `mean` `[H, D]` if given. For a "prod" quantizer this is the
     mse reconstruction alone, as `TurboQuantizer.dequantize`: the QJL term is never added back."""
-    _check_planes(codes, norms, quantizer, allow_prod=True)
+    _check_planes(codes, norms, quantizer)
     B, H, T, D = out.shape
     if D != quantizer.dim or codes.shape[:2] != (B, H) or start + T > codes.shape[2]:
         raise ValueError(f"out {tuple(out.shape)} does not fit codes {tuple(codes.shape)} at start {start}")
     if T == 0:
         return out
     rot, cent, _ = quantizer.tensors(codes.device)
+    block_d = max(16, triton.next_power_of_2(D))
     grid = (B * H, -(-T // block_t))
     with on_device(codes.device):
         _dequantize_kernel[grid](
             codes, norms, mean if mean is not None else rot, rot, cent, out,
             H, T, start,
             *codes.stride()[:3], *norms.stride(), *out.stride(),
-            D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_T=block_t, BITS=quantizer.mse_bits,
-            BLOCK_K=min(64, max(16, triton.next_power_of_2(D))),
+            D=D, BLOCK_D=block_d, BLOCK_T=block_t, BITS=quantizer.mse_bits, BLOCK_K=min(64, block_d),
             HAS_MEAN=mean is not None, IEEE=out.dtype == torch.float32,
         )
     return out

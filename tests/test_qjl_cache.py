@@ -14,6 +14,8 @@ from tq_hf import TurboQuantCache, TurboQuantConfig
 from tq_hf.attention import reference_attention
 from tq_hf.codec import TurboQuantizer
 
+DEV = "cuda" if torch.cuda.is_available() else "cpu"  # backend="triton" on CPU runs under the interpreter
+
 
 def test_qjl_config_errors():
     for kw in ({"key_bits": 1}, {"outlier_fraction": 0.5}):
@@ -102,10 +104,9 @@ def test_qjl_keys_generate_through_the_triton_kernel(monkeypatch):
     scores, calls, layers = decode_on_both_backends(monkeypatch, 5, key_qjl=True)
     assert len(calls) == 5 * layers  # every decode step of every layer
     torch.testing.assert_close(scores["triton"], scores["torch"], rtol=0, atol=1e-3)
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
     cache = TurboQuantCache(key_qjl=True)
-    cache.update(torch.randn(1, 1, 4, 64, device=dev), torch.randn(1, 1, 4, 64, device=dev), 0)
-    assert cache.layers[0].backend == ("triton" if dev == "cuda" else "torch")
+    cache.update(torch.randn(1, 1, 4, 64, device=DEV), torch.randn(1, 1, 4, 64, device=DEV), 0)
+    assert cache.layers[0].backend == ("triton" if DEV == "cuda" else "torch")
 
 
 def test_qjl_keys_are_quantized_by_the_kernel_at_every_head_dim(monkeypatch):
@@ -113,14 +114,13 @@ def test_qjl_keys_are_quantized_by_the_kernel_at_every_head_dim(monkeypatch):
     64 to 256 (the kernel's own match against the reference: tests/test_kernels.py)."""
     import tq_hf.kernels as tk
 
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
     launches = []
     real = tk.quantize_pack
     monkeypatch.setattr(tk, "quantize_pack", lambda *a, **kw: launches.append(kw.get("qjl")) or real(*a, **kw))
     for head_dim in (64, 256):
         launches.clear()
         cache = TurboQuantCache(backend="triton", residual_length=0, key_qjl=True)
-        k = torch.randn(1, 1, 5, head_dim, device=dev)
+        k = torch.randn(1, 1, 5, head_dim, device=DEV)
         cache.update(k, k, 0)
         layer = cache.layers[0]
         assert len(launches) == 2 and launches[0] is not None and launches[1] is None  # keys with QJL planes, values

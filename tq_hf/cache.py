@@ -183,7 +183,7 @@ class TurboQuantLayer(CacheLayerMixin):
         # "auto" keeps the reference path for split codes other than half/half at a power-of-two head_dim.
         no_kernel = cfg.outlier_fraction and not self.key_quantizer.kernel_readable
         self.backend = "torch" if no_kernel and cfg.backend == "auto" else _resolve_backend(cfg.backend, self.device)
-        if self.backend == "triton" and cfg.outlier_fraction and not self.key_quantizer.kernel_readable:
+        if self.backend == "triton" and no_kernel:
             raise ValueError(
                 f"layer {self.layer_idx}: backend='triton' reads split codes only for outlier_fraction=0.5 and a "
                 f"power-of-two head_dim >= 64 (got {cfg.outlier_fraction}, {self.head_dim}); use backend='auto'"

@@ -189,6 +189,7 @@ class TurboQuantizer:
         self.vector_bytes = self.row_bytes + 4 + (dim // 8 + 4 if mode == "prod" else 0)
         self._per_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self._qjl_per_device: dict[torch.device, torch.Tensor] = {}
+        self._qjl_rotated_per_device: dict[torch.device, torch.Tensor] = {}
 
     def tensors(self, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(rotation `[d, d]`, centroids `[2**b]`, boundaries `[2**b - 1]`), fp32, cached per device
@@ -223,11 +224,10 @@ class TurboQuantizer:
         (r = r_rot @ Rot) has the sketch sign(r_rot @ (Rot @ S.T)), which is how the quantize kernel
         computes it."""
         device = torch.device(device)
-        key = ("rotated", device)
-        if key not in self._qjl_per_device:
+        if device not in self._qjl_rotated_per_device:
             rot, _, _ = self.tensors(device)
-            self._qjl_per_device[key] = (rot.double() @ self.qjl_tensor(device).double().T).float()
-        return self._qjl_per_device[key]
+            self._qjl_rotated_per_device[device] = (rot.double() @ self.qjl_tensor(device).double().T).float()
+        return self._qjl_rotated_per_device[device]
 
     def indices(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Unpacked codes (int64 `[..., d]`) and stored norms (fp32 `[...]`) of `x` `[..., d]`

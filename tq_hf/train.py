@@ -132,6 +132,9 @@ def _batch(corpus: torch.Tensor, starts: torch.Tensor, seq_len: int, copy_prob: 
     return torch.cat([bos, body], 1)
 
 
+_ALNUM = torch.tensor(list(b"abcdefghijklmnopqrstuvwxyz0123456789"))
+
+
 def _plant_copy(row: torch.Tensor, gen: torch.Generator | None) -> None:
     """Write one random string (8-32 letters and digits) at two random places of `row`, in place.
 
@@ -146,9 +149,6 @@ def _plant_copy(row: torch.Tensor, gen: torch.Generator | None) -> None:
     dst = int(torch.randint(src + span, n - span + 1, (1,), generator=gen))
     row[src : src + span] = text
     row[dst : dst + span] = text
-
-
-_ALNUM = torch.tensor(list(b"abcdefghijklmnopqrstuvwxyz0123456789"))
 
 
 def _lr(step: int, steps: int, peak: float, warmup: int) -> float:
