@@ -5,6 +5,10 @@ code byte is read from memory once. Splits 0..S-1 cover the quantized positions:
 rotated once into the code space, scores are q_rot . (norm * c[idx]) (+ q . mean for centred
 keys), values are accumulated in the rotated space. Split S is the exact full-precision window,
 in the original space. Each split writes its normalised partial output and log-sum-exp.
+Tiles are computed transposed, s^T = K q^T and acc^T = V^T p^T: the gathered code tiles are the
+first operand of the dot, which Triton keeps in registers for Hopper's wgmma instead of writing them
+to shared memory first. With 128-token tiles and 4 warps that made stage 1 1.3-1.5x faster on an
+H200 than the [G, N] orientation at its best launch (64 tokens, 8 warps): `kernels/PERF_NOTES.md`.
 Stage 2: one program per (batch, kv head) merges the splits, un-rotates the quantized part
 once (o = o_rot @ Pi_v + o_window) and writes the model dtype in the `[B, 1, Hq, D]` layout
 the model consumes, so no copy or cast kernel follows.
@@ -57,20 +61,21 @@ def _centroid_rows(base, row_off, row_mask, Table, D: tl.constexpr, BLOCK_D: tl.
 
 @triton.jit
 def _softmax_update(s, m, l):
-    """Fold scores `s` [BLOCK_G, BLOCK_N] (masked = -inf) into the running max `m` and denominator `l`
-    [BLOCK_G]. Returns (m, l, alpha, p): accumulators are rescaled by alpha [BLOCK_G] and take p."""
-    m_new = tl.maximum(m, tl.max(s, axis=1))
+    """Fold transposed scores `s` [BLOCK_N, BLOCK_G] (masked = -inf) into the running max `m` and
+    denominator `l` [BLOCK_G]. Returns (m, l, alpha, p): accumulators are rescaled by alpha [BLOCK_G]
+    and take p [BLOCK_N, BLOCK_G]."""
+    m_new = tl.maximum(m, tl.max(s, axis=0))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     alpha = tl.exp(m - m_safe)
-    p = tl.exp(s - m_safe[:, None])
-    return m_new, l * alpha + tl.sum(p, axis=1), alpha, p
+    p = tl.exp(s - m_safe[None, :])
+    return m_new, l * alpha + tl.sum(p, axis=0), alpha, p
 
 
 @triton.jit
 def _finish_scores(s, keep, softcap, HAS_SOFTCAP: tl.constexpr):
     if HAS_SOFTCAP:
         s = softcap * (2.0 * tl.sigmoid(2.0 * s / softcap) - 1.0)  # softcap * tanh(s / softcap)
-    return tl.where(keep[None, :], s, float("-inf"))
+    return tl.where(keep[:, None], s, float("-inf"))
 
 
 @triton.jit
@@ -98,8 +103,11 @@ def _rotated_query(q_row, gmask, Perm, Rot, sqd, scale, OFF: tl.constexpr, N: tl
 
 
 @triton.jit
-def _store_partial(mid_row, col0: tl.constexpr, acc, l, gmask):
-    """Normalised partial output acc / l into columns [col0, col0 + acc's width) of the split's row."""
+def _store_partial(mid_row, col0: tl.constexpr, acc_t, l, gmask):
+    """Normalised partial output acc / l into columns [col0, col0 + W) of the split's rows, from the
+    transposed accumulator `acc_t` [W, BLOCK_G] (transposed back before the store: storing it as it is
+    compiled to more barriers in the tile loop, 68 against 52 per tile)."""
+    acc = tl.trans(acc_t)
     c = col0 + tl.arange(0, acc.shape[1])
     tl.store(mid_row + c[None, :], acc / tl.where(l > 0, l, 1.0)[:, None], mask=gmask[:, None])
 
@@ -138,6 +146,7 @@ def _decode_stage1_kernel(
     D: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    BLOCK_W: tl.constexpr,  # tokens per tile of the full-precision window
     BLOCK_K: tl.constexpr,  # rotation K-chunk
     KBITS: tl.constexpr,  # split codes: of the outlier set
     VBITS: tl.constexpr,
@@ -187,27 +196,27 @@ def _decode_stage1_kernel(
                                 True, DOT_PRECISION)
             qb = _rotated_query(q_row, gmask, KPerm + h * D, RotK, sqd, scale, HALF, HALF, BLOCK_G, HALF, BLOCK_KH, D,
                                 True, DOT_PRECISION)
-            acc_a = tl.zeros([BLOCK_G, HALF], tl.float32)
-            acc_b = tl.zeros([BLOCK_G, HALF], tl.float32)
+            qa, qb = tl.trans(qa), tl.trans(qb)
+            acc_a = tl.zeros([HALF, BLOCK_G], tl.float32)
+            acc_b = tl.zeros([HALF, BLOCK_G], tl.float32)
             for n0 in range(start, end, BLOCK_N):
                 n = n0 + n_off
                 nmask = n < end
                 ka = _centroid_rows(kc_base, n * skct, nmask, TabK, HALF, HALF, KBITS, KPAIR)
                 kb = _centroid_rows(kc_base + KSPLIT, n * skct, nmask, TabK2, HALF, HALF, KBITS2, KPAIR2)
-                s = _dot(qa, tl.trans(ka), DOT_PRECISION) * tl.load(kn_base + n * sknt, mask=nmask, other=0.0)[None, :]
-                s += _dot(qb, tl.trans(kb), DOT_PRECISION) * tl.load(kn_base + n * sknt + 1, mask=nmask,
-                                                                       other=0.0)[None, :]
+                s = _dot(ka, qa, DOT_PRECISION) * tl.load(kn_base + n * sknt, mask=nmask, other=0.0)[:, None]
+                s += _dot(kb, qb, DOT_PRECISION) * tl.load(kn_base + n * sknt + 1, mask=nmask, other=0.0)[:, None]
                 keep = nmask
                 if HAS_MASK:
                     keep &= tl.load(mask_base + n * smk, mask=nmask, other=0) != 0
-                s = _finish_scores(s + q_mean[:, None], keep, softcap, HAS_SOFTCAP)
+                s = _finish_scores(s + q_mean[None, :], keep, softcap, HAS_SOFTCAP)
                 m, l, alpha, p = _softmax_update(s, m, l)
                 va = _centroid_rows(vc_base, n * svct, nmask, TabV, HALF, HALF, VBITS, VPAIR)
                 vb = _centroid_rows(vc_base + VSPLIT, n * svct, nmask, TabV2, HALF, HALF, VBITS2, VPAIR2)
                 vna = tl.load(vn_base + n * svnt, mask=nmask, other=0.0)
                 vnb = tl.load(vn_base + n * svnt + 1, mask=nmask, other=0.0)
-                acc_a = acc_a * alpha[:, None] + _dot(p * vna[None, :], va, DOT_PRECISION)
-                acc_b = acc_b * alpha[:, None] + _dot(p * vnb[None, :], vb, DOT_PRECISION)
+                acc_a = acc_a * alpha[None, :] + _dot(tl.trans(va), p * vna[:, None], DOT_PRECISION)
+                acc_b = acc_b * alpha[None, :] + _dot(tl.trans(vb), p * vnb[:, None], DOT_PRECISION)
             _store_partial(mid_row, 0, acc_a, l, gmask)
             _store_partial(mid_row, HALF, acc_b, l, gmask)
         else:
@@ -217,23 +226,25 @@ def _decode_stage1_kernel(
                 # ||r|| sqrt(pi/2) / D * <S q, sign(S r)>: the unbiased estimate of <q, r>, r = k - k_mse
                 q_sk = _rotated_query(q_row, gmask, KPerm, Sqjl, sqd, scale, 0, D, BLOCK_G, BLOCK_D, BLOCK_K, D,
                                       False, DOT_PRECISION)
+                q_sk = tl.trans(q_sk)
                 kq_base, kr_base = Kq + b * skqb + h * skqh, Kr + b * skrb + h * skrh
-            acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+            q_rot = tl.trans(q_rot)
+            acc = tl.zeros([BLOCK_D, BLOCK_G], tl.float32)
             for n0 in range(start, end, BLOCK_N):
                 n = n0 + n_off
                 nmask = n < end
                 kc = _centroid_rows(kc_base, n * skct, nmask, TabK, D, BLOCK_D, KBITS, KPAIR)
                 if D != BLOCK_D:
                     kc = tl.where(dmask[None, :], kc, 0.0)
-                s = _dot(q_rot, tl.trans(kc), DOT_PRECISION)
+                s = _dot(kc, q_rot, DOT_PRECISION)
                 kn = tl.load(kn_base + n * sknt, mask=nmask, other=0.0)
-                s = s * kn[None, :] + q_mean[:, None]
+                s = s * kn[:, None] + q_mean[None, :]
                 if QJL:
                     sign = load_code_rows(kq_base, n * skqt, nmask, D, BLOCK_D, 1).to(tl.float32) * 2.0 - 1.0
                     if D != BLOCK_D:
                         sign = tl.where(dmask[None, :], sign, 0.0)
                     rn = tl.load(kr_base + n * skrt, mask=nmask, other=0.0) * (1.2533141373155003 / D)  # sqrt(pi/2)/D
-                    s += _dot(q_sk, tl.trans(sign), DOT_PRECISION) * rn[None, :]
+                    s += _dot(sign, q_sk, DOT_PRECISION) * rn[:, None]
                 keep = nmask
                 if HAS_MASK:
                     keep &= tl.load(mask_base + n * smk, mask=nmask, other=0) != 0
@@ -243,23 +254,26 @@ def _decode_stage1_kernel(
                 if D != BLOCK_D:
                     v = tl.where(dmask[None, :], v, 0.0)
                 vn = tl.load(vn_base + n * svnt, mask=nmask, other=0.0)
-                # the value norms scale the probabilities ([G, N]) rather than the value tile ([N, D])
-                acc = acc * alpha[:, None] + _dot(p * vn[None, :], v, DOT_PRECISION)
+                # the value norms scale the probabilities ([N, G]) rather than the value tile ([N, D])
+                acc = acc * alpha[None, :] + _dot(tl.trans(v), p * vn[:, None], DOT_PRECISION)
             _store_partial(mid_row, 0, acc, l, gmask)
     else:
-        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-        for n0 in range(0, n_window, BLOCK_N):
-            n = n0 + n_off
+        # 32-token tiles: the window is short, and full-precision tiles of BLOCK_N = 128 tokens would
+        # raise the whole kernel's register count (246 instead of 184 at D = 128, 4 warps, Triton 3.6)
+        q_t = tl.trans(q)
+        acc = tl.zeros([BLOCK_D, BLOCK_G], tl.float32)
+        for n0 in range(0, n_window, BLOCK_W):
+            n = n0 + tl.arange(0, BLOCK_W)
             nmask = n < n_window
             kv_mask = nmask[:, None] & dmask[None, :]
             k = tl.load(kw_base + n[:, None] * swt + d[None, :] * swd, mask=kv_mask, other=0.0)
             keep = nmask
             if HAS_MASK:
                 keep &= tl.load(mask_base + (n_quant + n) * smk, mask=nmask, other=0) != 0
-            s = _finish_scores(_dot(q, tl.trans(k.to(tl.float32)), DOT_PRECISION), keep, softcap, HAS_SOFTCAP)
+            s = _finish_scores(_dot(k.to(tl.float32), q_t, DOT_PRECISION), keep, softcap, HAS_SOFTCAP)
             m, l, alpha, p = _softmax_update(s, m, l)
             v = tl.load(vw_base + n[:, None] * swt + d[None, :] * swd, mask=kv_mask, other=0.0)
-            acc = acc * alpha[:, None] + _dot(p, v.to(tl.float32), DOT_PRECISION)
+            acc = acc * alpha[None, :] + _dot(tl.trans(v.to(tl.float32)), p, DOT_PRECISION)
         _store_partial(mid_row, 0, acc, l, gmask)
     # Empty or fully masked split: lse = -inf, output 0, so it weighs nothing in the merge.
     lse = tl.where(l > 0, m + tl.log(tl.where(l > 0, l, 1.0)), float("-inf"))
@@ -371,7 +385,7 @@ def plan_splits(n_quant: int, programs_per_split: int, num_sms: int, block_n: in
 
 
 def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_splits=None,
-                     block_n=64, num_warps=8, num_stages=1, precision=None, maxnreg=None):
+                     block_n=None, num_warps=None, num_stages=1, precision=None, maxnreg=None):
     """Decode attention of one query token over every position cached in `layer`.
 
     Args:
@@ -383,11 +397,13 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
             "tf32x3" for fp16 (plain tf32 is as coarse as fp16 itself) and "fp16" operands with fp32
             accumulation for bf16 (finer than bf16; 2.4x faster than tf32x3 on an H200; values must
             stay within fp16's range, |v| < 65504, as they do in practice).
-        block_n: tokens per tile, >= 32 (16-token tiles gave wrong results on an H200 with Triton 3.6).
-        num_warps, num_stages, maxnreg: stage 1's launch options. maxnreg caps its registers per thread;
-            by default 128 for D <= 128, which lets two 8-warp programs share an SM (uncapped it takes
-            138 at D = 128 with Triton 3.9; the cap costs 8 bytes of stack) and was 4-10 % faster on
-            an H200. Larger D would spill under the cap, so it stays uncapped there.
+        block_n: tokens per tile, a power of two >= 32 (16-token tiles gave wrong results on an H200
+            with Triton 3.6). Default 128 at D <= 128 (with 4 warps: 1.2-1.4x faster than 64 tokens
+            and 8 warps on an H200, `kernels/PERF_NOTES.md`), else 64.
+        num_warps, num_stages, maxnreg: stage 1's launch options. num_warps defaults to 4 at D <= 128,
+            else 8. maxnreg caps its registers per thread; by default 128 for 8 warps at D <= 128,
+            which lets two 8-warp programs share an SM and was 4-10 % faster on an H200 with 64-token
+            tiles. Larger D would spill under the cap, so it stays uncapped there.
     Returns:
         `[B, 1, Hq, D]` in query's dtype.
     """
@@ -411,6 +427,12 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
         raise ValueError(f"split codes are read by the kernel for half/half splits of a power-of-two head dim >= 64; "
                          f"this layer has D={D} with {layer.key_quantizer.n_outlier} outlier channels: use "
                          "tq_hf.attention.reference_attention")
+    if block_n is None:
+        block_n = 128 if BLOCK_D <= 128 else 64
+    if num_warps is None:
+        num_warps = 4 if BLOCK_D <= 128 else 8
+    if block_n < 32 or block_n & (block_n - 1):
+        raise ValueError(f"block_n must be a power of two >= 32, got {block_n}")
     S, chunk = plan_splits(layer.n_quant, B * Hkv, _num_sms(query.device), block_n, num_splits)
     ws = get_workspace(query.device)
     mid_o = ws.get("decode_mid_o", (B, Hq, S + 1, BLOCK_D), torch.float32)
@@ -441,8 +463,6 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
         precision = {torch.float32: "ieee", torch.float16: "tf32x3", torch.bfloat16: "fp16"}[query.dtype]
     if precision not in ("ieee", "tf32x3", "tf32", "fp16"):
         raise ValueError(f"precision={precision!r}; choose 'ieee', 'tf32x3', 'tf32' or 'fp16'")
-    if block_n < 32 or block_n & (block_n - 1):
-        raise ValueError(f"block_n must be a power of two >= 32, got {block_n}")
     BLOCK_G = max(16, triton.next_power_of_2(G))
     if maxnreg is None and BLOCK_D <= 128 and num_warps == 8:
         maxnreg = 128
@@ -468,7 +488,7 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
             *mask_u8.stride(),
             mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
             mid_l.stride(0), mid_l.stride(1),
-            G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D, BLOCK_N=block_n, BLOCK_K=min(BLOCK_D, 64),
+            G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D, BLOCK_N=block_n, BLOCK_W=32, BLOCK_K=min(BLOCK_D, 64),
             KBITS=kbits, VBITS=vbits, HAS_MASK=mask is not None, HAS_SOFTCAP=bool(softcap),
             DOT_PRECISION=precision, SPLIT=split, KBITS2=kbits2, VBITS2=vbits2, KSPLIT=ksplit, VSPLIT=vsplit,
             KPAIR=kpair, VPAIR=vpair, KPAIR2=kpair2, VPAIR2=vpair2, QJL=qjl,
