@@ -12,18 +12,19 @@ Data: the top-level `*.py` files of the running interpreter's standard library (
 retrieval) and never trained on. Bytes are tokens (`tq_hf.models.ByteTokenizer`: 0-255, BOS 256,
 EOS 257); each training sequence is BOS followed by a window of the concatenated training files
 at a seeded random offset. With `--copy-prob`, that fraction of the windows also gets one random
-string of 8-32 letters and digits written at two places (`_plant_copy`).
+string of 8-32 letters and digits written twice, the second time after a copy of the 4-16 bytes of
+text that preceded the first (`_plant_copy`).
 
 Why the planted strings: trained on the code alone, a model of this size learns no copying. An
 H200 run of 6000 steps x 32 x 1024 bytes (`--copy-prob 0`) memorised the 4.6 MB corpus (train loss
 0.53, held-out 1.10 nats per byte) and predicted the second copy of a random string no better
 than the first; planting spans of the text itself did not change that. With random strings
-planted in every window, 3000 steps bring held-out loss to 0.99 nats per byte and the second copy
-of a 48-letter random string to 0.25 nats per byte (4.2 for the first). Passkey retrieval stays
-weak: the model copies a key once it has its first character, but after `passkey = "` it mostly
-predicts the `"` of an empty string (`python -m tq_hf eval`): nothing in training made a string's
-first character predictable from the text before it. A next run should also copy the few text
-bytes before the first string in front of the second (untested).
+planted in every window, 3000 steps bring held-out loss to 0.99-1.01 nats per byte and the second
+copy of a 48-letter random string to 0.25-0.35 nats per byte (4.1 for the first). Planted without
+the text in front, the model copied a string once it had its first character but, after
+`passkey = "`, mostly predicted the `"` of an empty string: greedy passkey retrieval with an exact
+cache got 3, 4 and 1 of 24 prompts at 256, 512 and 1024 bytes. With the copied text in front (the
+shipped model) it gets 13, 7 and 6 of 24 (`train_log.json` has the note).
 
 Everything that decides the result is seeded (`--seed`: initialisation and window offsets) and
 recorded in `train_log.json` next to the weights, with the files and their SHA-256, the Python,
@@ -136,19 +137,24 @@ _ALNUM = torch.tensor(list(b"abcdefghijklmnopqrstuvwxyz0123456789"))
 
 
 def _plant_copy(row: torch.Tensor, gen: torch.Generator | None) -> None:
-    """Write one random string (8-32 letters and digits) at two random places of `row`, in place.
+    """Write one random string (8-32 letters and digits) at a random place of `row` and, at a later
+    place, copy it again together with the 4-16 bytes of text that preceded it; in place.
 
     Copying from context is what induction heads do and what a passkey test asks. On source code
     alone a model this small never learns it: the corpus is small enough to memorise, and what
     repeats in code (identifiers) is mostly predictable without looking back. A random string is
-    predictable the second time only by finding the first."""
+    predictable the second time only by finding the first. The copied text in front makes the
+    string's *first* character predictable too, from the text it followed (as a passkey's is after
+    `passkey = "`); without it the model only continued a string once it had its first byte.
+    Needs `row.numel() >= 48`."""
     n = row.numel()
-    span = int(torch.randint(8, min(32, n // 3) + 1, (1,), generator=gen))
+    span = int(torch.randint(8, min(32, (n - 32) // 2) + 1, (1,), generator=gen))
+    pre = int(torch.randint(4, 17, (1,), generator=gen))
     text = _ALNUM[torch.randint(0, len(_ALNUM), (span,), generator=gen)]
-    src = int(torch.randint(0, n - 2 * span + 1, (1,), generator=gen))
-    dst = int(torch.randint(src + span, n - span + 1, (1,), generator=gen))
+    src = int(torch.randint(pre, n - 2 * span - pre + 1, (1,), generator=gen))
+    dst = int(torch.randint(src + span + pre, n - span + 1, (1,), generator=gen))
     row[src : src + span] = text
-    row[dst : dst + span] = text
+    row[dst - pre : dst + span] = row[src - pre : src + span].clone()
 
 
 def _lr(step: int, steps: int, peak: float, warmup: int) -> float:
@@ -196,8 +202,9 @@ def train(out: str, steps: int = 600, batch_size: int = 8, seq_len: int = 512, l
 
     if threads:
         torch.set_num_threads(threads)
-    if copy_prob and seq_len < 24:
-        raise ValueError(f"copy_prob needs seq_len >= 24 (two strings of >= 8 bytes), got {seq_len}")
+    if copy_prob and seq_len < 48:
+        raise ValueError(f"copy_prob needs seq_len >= 48 (two strings of >= 8 bytes, each after up to 16 "
+                         f"bytes of text), got {seq_len}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # On a GPU: fp32 weights and optimizer, bf16 autocast for the forward and backward (flash
     # attention, bf16 matmuls). On a CPU: plain fp32, bit-reproducible for one thread count.
@@ -314,7 +321,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--save-dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--copy-prob", type=float, default=0.0,
-                   help="fraction of sequences given one random string planted twice (teaches copying)")
+                   help="fraction of sequences given one random string planted twice, the second time after a "
+                        "copy of the text before the first (teaches copying; needs --seq-len >= 48)")
     a = p.parse_args(argv)
     if not 0.0 <= a.copy_prob <= 1.0:
         p.error("--copy-prob must be in [0, 1]")
