@@ -398,8 +398,9 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
             accumulation for bf16 (finer than bf16; 2.4x faster than tf32x3 on an H200; values must
             stay within fp16's range, |v| < 65504, as they do in practice).
         block_n: tokens per tile, a power of two >= 32 (16-token tiles gave wrong results on an H200
-            with Triton 3.6). Default 128 at D <= 128 (with 4 warps: 1.2-1.4x faster than 64 tokens
-            and 8 warps on an H200, `kernels/PERF_NOTES.md`), else 64.
+            with Triton 3.6). Default 128 at D <= 128 (with 4 warps: 1.3-1.5x faster than 64 tokens
+            and 8 warps on an H200 with Triton 3.6, `kernels/PERF_NOTES.md`), else 64 (D = 256: the
+            previous defaults, not re-measured with the transposed tiles).
         num_warps, num_stages, maxnreg: stage 1's launch options. num_warps defaults to 4 at D <= 128,
             else 8. maxnreg caps its registers per thread; by default 128 for 8 warps at D <= 128,
             which lets two 8-warp programs share an SM and was 4-10 % faster on an H200 with 64-token

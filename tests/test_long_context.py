@@ -1,7 +1,7 @@
 """Needle in a haystack at 128K tokens, batch 1, at the attention level.
 
-Random weights cannot retrieve anything and the shipped reference model retrieves a passkey only
-now and then, so retrieval is checked where it is decided: a 131,072-token cache layer holds random keys and values
+Random weights cannot retrieve anything and the shipped reference model retrieves passkeys only at
+up to 1024 bytes (its training length), so retrieval at 128K is checked where it is decided: a 131,072-token cache layer holds random keys and values
 plus three planted needles (keys along three orthogonal directions, at depths 10 %, 50 % and 90 %),
 and each of three query heads points at one needle. With exact attention each head's output is
 (almost) its needle's value; the quantized cache must give the same, and hold the context in under

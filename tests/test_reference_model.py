@@ -110,7 +110,8 @@ def test_planted_copies_repeat_a_random_string_with_its_context():
     """--copy-prob: each chosen window carries one string of 8-32 letters and digits at two places; the
     second copy comes after a copy of the 4-16 text bytes that preceded the first; the rest of the window
     is the corpus text, and the same generator seed plants the same strings."""
-    corpus = torch.tensor(list(b"ABCDEFGHIJKLMNOPQ" * 300), dtype=torch.uint8)  # no lowercase letters or digits
+    # random capitals: no lowercase letters or digits, and no period that would copy itself
+    corpus = torch.randint(ord("A"), ord("Z") + 1, (5000,), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
     starts = torch.tensor([0, 7, 130, 501])
 
     def planted(p, n=256):
@@ -126,8 +127,9 @@ def test_planted_copies_repeat_a_random_string_with_its_context():
         assert 8 <= span <= 32 and torch.equal(row[first], row[second])
         assert torch.equal(first, first[0] + torch.arange(span)) and torch.equal(second, second[0] + torch.arange(span))
         s1, s2 = int(first[0]), int(second[0])
-        assert s1 >= 4 and torch.equal(row[s1 - 4 : s1], row[s2 - 4 : s2])  # at least 4 bytes of context copied
-        # outside the second copy and the 16 bytes before it, only the first string differs from the text
+        # the L = 4-16 bytes before the second copy are those before the first; the rest is the text
+        assert any(s1 >= L and torch.equal(row[s2 - L : s2], row[s1 - L : s1])
+                   and torch.equal(row[s2 - 16 : s2 - L], ref[s2 - 16 : s2 - L]) for L in range(4, 17))
         outside = torch.ones(len(row), dtype=torch.bool)
         outside[s2 - 16 : s2 + span] = False
         outside[first] = False
@@ -137,6 +139,8 @@ def test_planted_copies_repeat_a_random_string_with_its_context():
         tq_train._plant_copy(torch.zeros(48, dtype=torch.long), torch.Generator().manual_seed(s))
     with pytest.raises(ValueError, match="seq_len >= 48"):
         tq_train.train("/nonexistent", seq_len=47, copy_prob=0.5)
+    with pytest.raises(ValueError, match=">= 48 tokens"):
+        tq_train._plant_copy(torch.zeros(47, dtype=torch.long), None)
 
 
 def test_reference_model_copies_a_repeated_random_string(ref):

@@ -23,8 +23,10 @@ planted in every window, 3000 steps bring held-out loss to 0.99-1.01 nats per by
 copy of a 48-letter random string to 0.25-0.35 nats per byte (4.1 for the first). Planted without
 the text in front, the model copied a string once it had its first character but, after
 `passkey = "`, mostly predicted the `"` of an empty string: greedy passkey retrieval with an exact
-cache got 3, 4 and 1 of 24 prompts at 256, 512 and 1024 bytes. With the copied text in front (the
-shipped model) it gets 13, 7 and 6 of 24 (`train_log.json` has the note).
+cache got 3, 4 and 1 of 24 prompts at 256, 512 and 1024 bytes in the check that picked the
+shipped model (a one-off GPU script); with the copied text in front it gets 13, 7 and 6 there
+(`train_log.json` has the note), and 15, 11, 8 and 5 of 24 at 128-1024 bytes in `python -m tq_hf
+eval` (README).
 
 Everything that decides the result is seeded (`--seed`: initialisation and window offsets) and
 recorded in `train_log.json` next to the weights, with the files and their SHA-256, the Python,
@@ -123,7 +125,8 @@ def _batch(corpus: torch.Tensor, starts: torch.Tensor, seq_len: int, copy_prob: 
     """`[B, seq_len + 1]` int64: BOS then `seq_len` bytes from each start.
 
     With `copy_prob` > 0, each sequence (with that probability) gets one random string written at
-    two places, over the text there (`_plant_copy`)."""
+    two places, the second after a copy of the text before the first, over the text there
+    (`_plant_copy`)."""
     idx = starts[:, None] + torch.arange(seq_len)[None, :]
     body = corpus[idx].long()
     if copy_prob > 0:
@@ -148,6 +151,8 @@ def _plant_copy(row: torch.Tensor, gen: torch.Generator | None) -> None:
     `passkey = "`); without it the model only continued a string once it had its first byte.
     Needs `row.numel() >= 48`."""
     n = row.numel()
+    if n < 48:
+        raise ValueError(f"planted copies need rows of >= 48 tokens, got {n}")
     span = int(torch.randint(8, min(32, (n - 32) // 2) + 1, (1,), generator=gen))
     pre = int(torch.randint(4, 17, (1,), generator=gen))
     text = _ALNUM[torch.randint(0, len(_ALNUM), (span,), generator=gen)]
