@@ -235,7 +235,7 @@ def _passkey(model, tokenizer, rows: list[EvalConfig], prompts: list[dict], answ
 def evaluate(model, tokenizer, texts: list[str], presets=None, *, seq_len: int = 512, prefix_len: int = 64,
              centring_ablation: bool = True, bf16_row: bool = True, residual_length: int | None = None,
              backend: str = "auto", qjl_ablation: bool = False, passkey: bool = True, passkey_lengths=(128, 256, 512),
-             passkey_depths=(0.1, 0.5, 0.9), passkey_trials: int = 4, seed: int = 0, log=print) -> dict:
+             passkey_depths=(0.1, 0.5, 0.9), passkey_trials: int = 8, seed: int = 0, log=print) -> dict:
     """Evaluate TurboQuant presets on `model` against its own full-precision `DynamicCache`.
 
     Args:
@@ -410,7 +410,8 @@ def build_parser(prog: str = "python -m tq_hf.evaluate") -> argparse.ArgumentPar
     p.add_argument("--no-passkey", action="store_true")
     p.add_argument("--passkey-lengths", type=_ints, default=[128, 256, 512])
     p.add_argument("--passkey-depths", type=_floats, default=[0.1, 0.5, 0.9])
-    p.add_argument("--passkey-trials", type=int, default=4)
+    p.add_argument("--passkey-trials", type=int, default=8,
+                   help="prompts per depth and length (default 8: 24 per length at 3 depths)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
     p.add_argument("--backend", default="auto", choices=("auto", "torch", "triton"))
