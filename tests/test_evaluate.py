@@ -49,6 +49,8 @@ def test_rows_and_reference(result):
     for r in result["rows"]:
         assert r["ppl"] > 1 and 0 <= r["top1"] <= 1 and r["kl"] >= 0
         assert set(r["passkey_by_length"]) == {48}
+        ok = r["passkey_retrieved"][48]  # 2 depths x 2 trials, consistent with the accuracy
+        assert len(ok) == 4 and all(isinstance(o, bool) for o in ok) and sum(ok) / 4 == r["passkey_by_length"][48]
     assert result["settings"]["scored_tokens"] == 3 * (48 - 1 - 16)
 
 

@@ -258,7 +258,9 @@ def evaluate(model, tokenizer, texts: list[str], presets=None, *, seq_len: int =
         seed: seeds the passkey keys and filler offsets.
         log: progress callback (None: silent).
     Returns:
-        `{"rows": [one dict per configuration, keys COLUMNS + passkey details], "settings": {...}}`.
+        `{"rows": [one dict per configuration, keys COLUMNS + passkey details], "settings": {...}}`;
+        the passkey details are accuracy per length and per (length, depth), and the outcome of every
+        prompt (`passkey_retrieved`, JSON only).
     """
     log = log or (lambda *_: None)
     device = next(model.parameters()).device
@@ -290,7 +292,7 @@ def evaluate(model, tokenizer, texts: list[str], presets=None, *, seq_len: int =
             log(f"passkey: {len(prompts)} prompts of {n} tokens")
             res = _passkey(model, tokenizer, rows, prompts, answer_tokens)
             for name, ok in res.items():
-                pk[name][n] = {"accuracy": sum(ok) / len(ok),
+                pk[name][n] = {"accuracy": sum(ok) / len(ok), "retrieved": ok,
                                "by_depth": {d: sum(o for o, p in zip(ok, prompts) if p["depth"] == d) / passkey_trials
                                             for d in passkey_depths}}
 
@@ -311,6 +313,8 @@ def evaluate(model, tokenizer, texts: list[str], presets=None, *, seq_len: int =
             "passkey": (sum(v["accuracy"] for v in pk[r.name].values()) / len(lengths)) if lengths else None,
             "passkey_by_length": {n: v["accuracy"] for n, v in pk[r.name].items()},
             "passkey_by_length_depth": {n: v["by_depth"] for n, v in pk[r.name].items()},
+            # per prompt, in `passkey_prompts` order: which prompts a preset loses or gains against the reference
+            "passkey_retrieved": {n: v["retrieved"] for n, v in pk[r.name].items()},
         }
         out_rows.append(row)
     settings = {
