@@ -31,7 +31,7 @@ import triton.language as tl
 from tq_hf.workspace import get_workspace
 
 from .codes import load_code_rows, load_pair_indices
-from .quantize import on_device
+from .quantize import next_pow2, on_device
 
 _NEG_INF = float("-inf")
 
@@ -421,7 +421,7 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
     if mask is not None and (mask.dim() != 2 or mask.shape[0] != B or mask.shape[1] < total):
         raise ValueError(f"mask must be [B, >= {total}], got {tuple(mask.shape)}")
     G = Hq // Hkv
-    BLOCK_D = max(16, triton.next_power_of_2(D))
+    BLOCK_D = max(16, next_pow2(D))
     # Split codes (outlier channels, half the channels each): two code spaces of D/2.
     split = bool(layer.config.outlier_fraction)
     if split and not (layer.key_quantizer.kernel_readable and layer.value_quantizer.kernel_readable):
@@ -464,7 +464,7 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
         precision = {torch.float32: "ieee", torch.float16: "tf32x3", torch.bfloat16: "fp16"}[query.dtype]
     if precision not in ("ieee", "tf32x3", "tf32", "fp16"):
         raise ValueError(f"precision={precision!r}; choose 'ieee', 'tf32x3', 'tf32' or 'fp16'")
-    BLOCK_G = max(16, triton.next_power_of_2(G))
+    BLOCK_G = max(16, next_pow2(G))
     if maxnreg is None and BLOCK_D <= 128 and num_warps == 8:
         maxnreg = 128
     # With fp16 dot operands the pair tables hold fp16: the values tl.dot would round the centroids to.
@@ -503,6 +503,6 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
             mid_l.stride(0), mid_l.stride(1),
             out.stride(0), out.stride(2),
             G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D, BLOCK_C=min(BLOCK_D, 64),
-            BLOCK_S=triton.next_power_of_2(S + 1), DOT_PRECISION=precision, SPLIT=split, num_warps=4,
+            BLOCK_S=next_pow2(S + 1), DOT_PRECISION=precision, SPLIT=split, num_warps=4,
         )
     return out

@@ -25,7 +25,7 @@ class Workspace:
         numel = 1
         for s in shape:
             numel *= int(s)
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        nbytes = numel * dtype.itemsize
         buf = self._buffers.get(name)
         if buf is None or buf.numel() < nbytes:
             # 1.5x headroom: a context that grows token by token re-allocates O(log n) times.
