@@ -137,6 +137,8 @@ def _batch(corpus: torch.Tensor, starts: torch.Tensor, seq_len: int, copy_prob: 
 
 
 _ALNUM = torch.tensor(list(b"abcdefghijklmnopqrstuvwxyz0123456789"))
+# Shortest row `_plant_copy` fits: two strings of >= 8 bytes, each after up to 16 bytes of text.
+_PLANT_MIN_LEN = 48
 
 
 def _plant_copy(row: torch.Tensor, gen: torch.Generator | None) -> None:
@@ -149,10 +151,10 @@ def _plant_copy(row: torch.Tensor, gen: torch.Generator | None) -> None:
     predictable the second time only by finding the first. The copied text in front makes the
     string's *first* character predictable too, from the text it followed (as a passkey's is after
     `passkey = "`); without it the model only continued a string once it had its first byte.
-    Needs `row.numel() >= 48`."""
+    Needs `row.numel() >= _PLANT_MIN_LEN`."""
     n = row.numel()
-    if n < 48:
-        raise ValueError(f"planted copies need rows of >= 48 tokens, got {n}")
+    if n < _PLANT_MIN_LEN:
+        raise ValueError(f"planted copies need rows of >= {_PLANT_MIN_LEN} tokens, got {n}")
     span = int(torch.randint(8, min(32, (n - 32) // 2) + 1, (1,), generator=gen))
     pre = int(torch.randint(4, 17, (1,), generator=gen))
     text = _ALNUM[torch.randint(0, len(_ALNUM), (span,), generator=gen)]
@@ -207,8 +209,8 @@ def train(out: str, steps: int = 600, batch_size: int = 8, seq_len: int = 512, l
 
     if threads:
         torch.set_num_threads(threads)
-    if copy_prob and seq_len < 48:
-        raise ValueError(f"copy_prob needs seq_len >= 48 (two strings of >= 8 bytes, each after up to 16 "
+    if copy_prob and seq_len < _PLANT_MIN_LEN:  # refused before the corpus is loaded, not at the first batch
+        raise ValueError(f"copy_prob needs seq_len >= {_PLANT_MIN_LEN} (two strings of >= 8 bytes, each after up to 16 "
                          f"bytes of text), got {seq_len}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # On a GPU: fp32 weights and optimizer, bf16 autocast for the forward and backward (flash
@@ -327,7 +329,7 @@ def main(argv=None) -> int:
     p.add_argument("--save-dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--copy-prob", type=float, default=0.0,
                    help="fraction of sequences given one random string planted twice, the second time after a "
-                        "copy of the text before the first (teaches copying; needs --seq-len >= 48)")
+                        f"copy of the text before the first (teaches copying; needs --seq-len >= {_PLANT_MIN_LEN})")
     a = p.parse_args(argv)
     if not 0.0 <= a.copy_prob <= 1.0:
         p.error("--copy-prob must be in [0, 1]")
