@@ -23,8 +23,8 @@ planted in every window, 3000 steps bring held-out loss to 0.99-1.01 nats per by
 copy of a 48-letter random string to 0.25-0.35 nats per byte (4.1 for the first). Planted without
 the text in front, the model copied a string once it had its first character but, after
 `passkey = "`, mostly predicted the `"` of an empty string: greedy passkey retrieval with an exact
-cache got 3, 4 and 1 of 24 prompts at 256, 512 and 1024 bytes in the check that picked the
-shipped model (a one-off GPU script); with the copied text in front it gets 13, 7 and 6 there
+cache got 3, 4 and 1 of 24 prompts at 256, 512 and 1024 bytes (a one-off script, run on a CPU);
+with the copied text in front, the same script on the H200 that trained it gives 13, 7 and 6
 (`train_log.json` has the note), and 15, 11, 8 and 5 of 24 at 128-1024 bytes in `python -m tq_hf
 eval` (README).
 
