@@ -5,6 +5,8 @@ code byte is read from memory once. Splits 0..S-1 cover the quantized positions:
 rotated once into the code space, scores are q_rot . (norm * c[idx]) (+ q . mean for centred
 keys), values are accumulated in the rotated space. Split S is the exact full-precision window,
 in the original space. Each split writes its normalised partial output and log-sum-exp.
+The centroids c[idx] come from `_code_table`'s lookup: 4-bit codes are looked up in registers with
+byte permutes (inline PTX, compiled code only), other widths gathered from a table in L1.
 Tiles are computed transposed, s^T = K q^T and acc^T = V^T p^T: the gathered code tiles are the
 first operand of the dot, which Triton keeps in registers for Hopper's wgmma instead of writing them
 to shared memory first. With 128-token tiles and 4 warps that made stage 1 1.3-1.5x faster on an
@@ -46,12 +48,64 @@ def _dot(a, b, PRECISION: tl.constexpr):
         return tl.dot(a, b, input_precision=PRECISION)
 
 
+def _lut16_ptx() -> str:
+    """PTX that looks the eight 4-bit codes of a 32-bit word up in a 16-entry fp16 table held in registers:
+    $8 the word, $9-$12 the low bytes of entries 0-3, 4-7, 8-11, 12-15, $13-$16 their high bytes
+    (`_register_table`); $0-$7 the fp16 centroids of codes 0-7. prmt picks 4 bytes out of 8 by 3-bit
+    selectors: per four codes, the low 3 bits of each pick its byte among entries 0-7 and among 8-15, its
+    top bit picks between the two, and two more prmt interleave low and high bytes into fp16 pairs."""
+    ptx = "{\n.reg .b32 s, t, a, b, lo, hi, p, q;\n"
+    for half in (0, 1):  # codes 0-3 from the low 16 bits, 4-7 from the high ones
+        o = 4 * half
+        ptx += ("and.b32 s, $8, 0x7777;\nshr.b32 t, $8, 1;\n" if half == 0 else
+                "shr.b32 s, $8, 16;\nand.b32 s, s, 0x7777;\nshr.b32 t, $8, 17;\n")
+        ptx += f"""and.b32 t, t, 0x4444;
+or.b32 t, t, 0x3210;
+prmt.b32 a, $9, $10, s;
+prmt.b32 b, $11, $12, s;
+prmt.b32 lo, a, b, t;
+prmt.b32 a, $13, $14, s;
+prmt.b32 b, $15, $16, s;
+prmt.b32 hi, a, b, t;
+prmt.b32 p, lo, hi, 0x5140;
+prmt.b32 q, lo, hi, 0x7362;
+mov.b32 {{${o}, ${o + 1}}}, p;
+mov.b32 {{${o + 2}, ${o + 3}}}, q;
+"""
+    return ptx + "}"
+
+
+_LUT16_ASM = tl.constexpr(_lut16_ptx())
+
+
+@triton.jit
+def _lut16_rows(base, row_off, row_mask, Table, D: tl.constexpr):
+    """fp16 centroids `[BLOCK_N, D]` of whole rows of 4-bit codes, looked up in registers (`_LUT16_ASM`);
+    Table: the 8 int32 words of `_register_table`."""
+    grp = tl.arange(0, D // 8)
+    # int32 pointer arithmetic, so the compiler sees whole rows of consecutive words (vector loads)
+    ptr = base.to(tl.pointer_type(tl.int32)) + (row_off // 4)[:, None] + grp[None, :]
+    word = tl.load(ptr, mask=row_mask[:, None], other=0)
+    z = tl.zeros_like(word)
+    c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
+        _LUT16_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r,r,r,r,r",
+        [word, z + tl.load(Table), z + tl.load(Table + 1), z + tl.load(Table + 2), z + tl.load(Table + 3),
+         z + tl.load(Table + 4), z + tl.load(Table + 5), z + tl.load(Table + 6), z + tl.load(Table + 7)],
+        dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+    # join appends an axis: [BLOCK_N, D/8, 2, 2, 2] holds code 8g + 4i + 2j + k at [:, g, i, j, k]
+    x = tl.join(tl.join(tl.join(c0, c4), tl.join(c2, c6)), tl.join(tl.join(c1, c5), tl.join(c3, c7)))
+    return tl.reshape(x, (row_off.shape[0], D))
+
+
 @triton.jit
 def _centroid_rows(base, row_off, row_mask, Table, D: tl.constexpr, BLOCK_D: tl.constexpr, BITS: tl.constexpr,
-                   PAIRED: tl.constexpr):
-    """The centroids of whole code rows, `[BLOCK_N, BLOCK_D]`. PAIRED (`_paired`): Table is the pair table
-    `[2**(2*BITS), 2]` and one gather fetches the centroids of two codes; else Table is the centroids."""
-    if PAIRED:
+                   LUT: tl.constexpr):
+    """The centroids of whole code rows, `[BLOCK_N, BLOCK_D]`, by the lookup `_code_table` chose: LUT 2 looks
+    4-bit codes up in registers (Table: `_register_table`'s words), LUT 1 gathers two codes' centroids at once
+    from the pair table `[2**(2*BITS), 2]`, LUT 0 gathers each code's from the centroids themselves."""
+    if LUT == 2:
+        return _lut16_rows(base, row_off, row_mask, Table, D)
+    elif LUT == 1:
         pair = load_pair_indices(base, row_off, row_mask, D, BITS)
         vals = tl.load(Table + pair[:, :, None] * 2 + tl.arange(0, 2)[None, None, :])
         return tl.reshape(vals, (row_off.shape[0], D))
@@ -158,10 +212,10 @@ def _decode_stage1_kernel(
     VBITS2: tl.constexpr,
     KSPLIT: tl.constexpr,
     VSPLIT: tl.constexpr,
-    KPAIR: tl.constexpr,  # whether TabK is a pair table (`_paired`); likewise the others
-    VPAIR: tl.constexpr,
-    KPAIR2: tl.constexpr,
-    VPAIR2: tl.constexpr,
+    KLUT: tl.constexpr,  # how TabK is read (`_code_table`'s lookup); likewise the others
+    VLUT: tl.constexpr,
+    KLUT2: tl.constexpr,
+    VLUT2: tl.constexpr,
     QJL: tl.constexpr,  # TurboQuant_prod keys: add the QJL estimate of <q, residual> to the scores
 ):
     # (batch, head) bases are 64-bit scalars; per-element offsets inside a plane stay int32.
@@ -202,8 +256,8 @@ def _decode_stage1_kernel(
             for n0 in range(start, end, BLOCK_N):
                 n = n0 + n_off
                 nmask = n < end
-                ka = _centroid_rows(kc_base, n * skct, nmask, TabK, HALF, HALF, KBITS, KPAIR)
-                kb = _centroid_rows(kc_base + KSPLIT, n * skct, nmask, TabK2, HALF, HALF, KBITS2, KPAIR2)
+                ka = _centroid_rows(kc_base, n * skct, nmask, TabK, HALF, HALF, KBITS, KLUT)
+                kb = _centroid_rows(kc_base + KSPLIT, n * skct, nmask, TabK2, HALF, HALF, KBITS2, KLUT2)
                 s = _dot(ka, qa, DOT_PRECISION) * tl.load(kn_base + n * sknt, mask=nmask, other=0.0)[:, None]
                 s += _dot(kb, qb, DOT_PRECISION) * tl.load(kn_base + n * sknt + 1, mask=nmask, other=0.0)[:, None]
                 keep = nmask
@@ -211,8 +265,8 @@ def _decode_stage1_kernel(
                     keep &= tl.load(mask_base + n * smk, mask=nmask, other=0) != 0
                 s = _finish_scores(s + q_mean[None, :], keep, softcap, HAS_SOFTCAP)
                 m, l, alpha, p = _softmax_update(s, m, l)
-                va = _centroid_rows(vc_base, n * svct, nmask, TabV, HALF, HALF, VBITS, VPAIR)
-                vb = _centroid_rows(vc_base + VSPLIT, n * svct, nmask, TabV2, HALF, HALF, VBITS2, VPAIR2)
+                va = _centroid_rows(vc_base, n * svct, nmask, TabV, HALF, HALF, VBITS, VLUT)
+                vb = _centroid_rows(vc_base + VSPLIT, n * svct, nmask, TabV2, HALF, HALF, VBITS2, VLUT2)
                 vna = tl.load(vn_base + n * svnt, mask=nmask, other=0.0)
                 vnb = tl.load(vn_base + n * svnt + 1, mask=nmask, other=0.0)
                 acc_a = acc_a * alpha[None, :] + _dot(tl.trans(va), p * vna[:, None], DOT_PRECISION)
@@ -233,7 +287,7 @@ def _decode_stage1_kernel(
             for n0 in range(start, end, BLOCK_N):
                 n = n0 + n_off
                 nmask = n < end
-                kc = _centroid_rows(kc_base, n * skct, nmask, TabK, D, BLOCK_D, KBITS, KPAIR)
+                kc = _centroid_rows(kc_base, n * skct, nmask, TabK, D, BLOCK_D, KBITS, KLUT)
                 if D != BLOCK_D:
                     kc = tl.where(dmask[None, :], kc, 0.0)
                 s = _dot(kc, q_rot, DOT_PRECISION)
@@ -250,7 +304,7 @@ def _decode_stage1_kernel(
                     keep &= tl.load(mask_base + n * smk, mask=nmask, other=0) != 0
                 s = _finish_scores(s, keep, softcap, HAS_SOFTCAP)
                 m, l, alpha, p = _softmax_update(s, m, l)
-                v = _centroid_rows(vc_base, n * svct, nmask, TabV, D, BLOCK_D, VBITS, VPAIR)
+                v = _centroid_rows(vc_base, n * svct, nmask, TabV, D, BLOCK_D, VBITS, VLUT)
                 if D != BLOCK_D:
                     v = tl.where(dmask[None, :], v, 0.0)
                 vn = tl.load(vn_base + n * svnt, mask=nmask, other=0.0)
@@ -343,23 +397,51 @@ def _paired(bits: int, d: int) -> bool:
     return 2 <= bits <= 4 and d >= 32 and d & (d - 1) == 0
 
 
-_PAIR_TABLES: dict = {}
+# Device types whose kernels are compiled to PTX (the interpreter cannot run inline PTX);
+# tests/_compile_sm90.py adds "cpu" to compile the register lookup without a GPU.
+_PTX_DEVICES = ("cuda",)
 
 
-def _code_table(cent: torch.Tensor, bits: int, d: int, dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
-    """(table, paired) that the kernel gathers the centroids `cent` [2**bits] (fp32) of `d`-code rows
-    from: the pair table T[P] = (cent[P & (2**bits - 1)], cent[P >> bits]), `[2**(2*bits), 2]` in
-    `dtype`, where `_paired`, else `cent` itself. One gather then fetches two codes' centroids: ~35 %
-    fewer instructions per tile, 1.1x (4 bits) and 1.5x (3 bits) faster on an H200. Built once per
-    (d, bits, device, dtype): `cent` is the codebook of d-dimensional vectors at `bits`
+def _register_lookup(bits: int, d: int, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether rows of `d` codes of `bits` bits are looked up in registers (`_lut16_rows`): 4-bit rows
+    read whole, fp16 dot operands, compiled code."""
+    return bits == 4 and _paired(bits, d) and dtype == torch.float16 and device.type in _PTX_DEVICES
+
+
+def _register_table(cent: torch.Tensor) -> torch.Tensor:
+    """The 16 fp16 centroids `cent` as `_LUT16_ASM` reads them, int32 `[8]`: words 0-3 hold the low bytes
+    of entries 4w..4w+3 (entry 4w in the lowest byte), words 4-7 their high bytes."""
+    byte = cent.to(torch.float16).view(torch.uint8).view(16, 2)  # little-endian: low byte first
+    return byte.t().contiguous().view(torch.int32).view(8)
+
+
+_TABLES: dict = {}
+
+
+def _code_table(cent: torch.Tensor, bits: int, d: int, dtype: torch.dtype,
+                registers: bool = True) -> tuple[torch.Tensor, int]:
+    """(table, lookup) that stage 1 reads the centroids `cent` [2**bits] (fp32) of `d`-code rows with
+    (`_centroid_rows`).
+    - lookup 2, where `registers` and `_register_lookup`: `_register_table(cent)`, looked up in registers,
+      no memory access per code. On an H200 at 8 x 64K tokens, 4bit: 935 -> 708 us per call at the pair
+      table's launch shape, 592 us with its own (256-token tiles, two stages; `kernels/PERF_NOTES.md`).
+    - lookup 1 (`_paired`): the pair table T[P] = (cent[P & (2**bits - 1)], cent[P >> bits]),
+      `[2**(2*bits), 2]` in `dtype`; one gather fetches two codes' centroids: ~35 % fewer instructions
+      per tile than lookup 0, 1.1x (4 bits) and 1.5x (3 bits) faster on an H200.
+    - lookup 0: `cent` itself, one gather per code.
+    Built once per (d, bits, device, dtype): `cent` is the codebook of d-dimensional vectors at `bits`
     (`tq_hf.codec.codebook`), a function of (d, bits) alone, so every layer shares one table."""
     if not _paired(bits, d):
-        return cent, False
-    key = (d, bits, cent.device, dtype)
-    if key not in _PAIR_TABLES:
-        p = torch.arange(1 << (2 * bits), device=cent.device)
-        _PAIR_TABLES[key] = torch.stack([cent[p & ((1 << bits) - 1)], cent[p >> bits]], -1).to(dtype).contiguous()
-    return _PAIR_TABLES[key], True
+        return cent, 0
+    lookup = 2 if registers and _register_lookup(bits, d, dtype, cent.device) else 1
+    key = (d, bits, cent.device, dtype, lookup)
+    if key not in _TABLES:
+        if lookup == 2:
+            _TABLES[key] = _register_table(cent)
+        else:
+            p = torch.arange(1 << (2 * bits), device=cent.device)
+            _TABLES[key] = torch.stack([cent[p & ((1 << bits) - 1)], cent[p >> bits]], -1).to(dtype).contiguous()
+    return _TABLES[key], lookup
 
 
 def _num_sms(device) -> int:
@@ -385,7 +467,7 @@ def plan_splits(n_quant: int, programs_per_split: int, num_sms: int, block_n: in
 
 
 def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_splits=None,
-                     block_n=None, num_warps=None, num_stages=1, precision=None, maxnreg=None):
+                     block_n=None, num_warps=None, num_stages=None, precision=None, maxnreg=None):
     """Decode attention of one query token over every position cached in `layer`.
 
     Args:
@@ -398,13 +480,16 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
             accumulation for bf16 (finer than bf16; 2.4x faster than tf32x3 on an H200; values must
             stay within fp16's range, |v| < 65504, as they do in practice).
         block_n: tokens per tile, a power of two >= 32 (16-token tiles gave wrong results on an H200
-            with Triton 3.6). Default 128 at D <= 128 (with 4 warps: 1.3-1.5x faster than 64 tokens
-            and 8 warps on an H200 with Triton 3.6, `kernels/PERF_NOTES.md`), else 64 (D = 256: the
-            previous defaults, not re-measured with the transposed tiles).
+            with Triton 3.6). Default at D <= 128: 256 where keys and values are both looked up in
+            registers (`_code_table`), else 128 (with 4 warps: 1.3-1.5x faster than 64 tokens and 8
+            warps on an H200 with Triton 3.6, `kernels/PERF_NOTES.md`); 64 at D = 256 (the previous
+            defaults, not re-measured with the transposed tiles).
         num_warps, num_stages, maxnreg: stage 1's launch options. num_warps defaults to 4 at D <= 128,
-            else 8. maxnreg caps its registers per thread; by default 128 for 8 warps at D <= 128,
-            which lets two 8-warp programs share an SM and was 4-10 % faster on an H200 with 64-token
-            tiles. Larger D would spill under the cap, so it stays uncapped there.
+            else 8; num_stages to 2 with the 256-token register-lookup tiles (618 -> 592 us at 8 x 64K,
+            4bit, on an H200; with split codes two stages were 2.9x slower), else 1. maxnreg caps the registers per thread;
+            by default 128 for 8 warps at D <= 128, which lets two 8-warp programs share an SM and was
+            4-10 % faster on an H200 with 64-token tiles. Larger D would spill under the cap, so it
+            stays uncapped there.
     Returns:
         `[B, 1, Hq, D]` in query's dtype.
     """
@@ -428,10 +513,30 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
         raise ValueError(f"split codes are read by the kernel for half/half splits of a power-of-two head dim >= 64; "
                          f"this layer has D={D} with {layer.key_quantizer.n_outlier} outlier channels: use "
                          "tq_hf.attention.reference_attention")
+    split = split and layer.n_quant > 0
+    if precision is None:
+        precision = {torch.float32: "ieee", torch.float16: "tf32x3", torch.bfloat16: "fp16"}[query.dtype]
+    if precision not in ("ieee", "tf32x3", "tf32", "fp16"):
+        raise ValueError(f"precision={precision!r}; choose 'ieee', 'tf32x3', 'tf32' or 'fp16'")
+    kq, vq = layer.key_quantizer, layer.value_quantizer
+    rot_k, cent_k, cent_k2 = kq.kernel_tensors(query.device)
+    rot_v, cent_v, cent_v2 = vq.kernel_tensors(query.device)
+    (kbits, kbits2, ksplit), (vbits, vbits2, vsplit) = kq.code_layout, vq.code_layout
+    # With fp16 dot operands the tables hold fp16: the values tl.dot would round the centroids to.
+    table_dtype = torch.float16 if precision == "fp16" else torch.float32
+    width = D // 2 if split else D  # codes per row of one set
+    # Split codes keep the pair tables: the register lookup of their 4-bit set was slower on an H200.
+    tab_k, klut = _code_table(cent_k, kbits, width, table_dtype, registers=not split)
+    tab_v, vlut = _code_table(cent_v, vbits, width, table_dtype, registers=not split)
+    tab_k2, klut2 = _code_table(cent_k2, kbits2, width, table_dtype, registers=False) if split else (cent_k2, 0)
+    tab_v2, vlut2 = _code_table(cent_v2, vbits2, width, table_dtype, registers=False) if split else (cent_v2, 0)
+    registers = klut == vlut == 2 and BLOCK_D <= 128  # the launch shape measured for register lookups
     if block_n is None:
-        block_n = 128 if BLOCK_D <= 128 else 64
+        block_n = 256 if registers else 128 if BLOCK_D <= 128 else 64
     if num_warps is None:
         num_warps = 4 if BLOCK_D <= 128 else 8
+    if num_stages is None:
+        num_stages = 2 if registers else 1
     if block_n < 32 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two >= 32, got {block_n}")
     S, chunk = plan_splits(layer.n_quant, B * Hkv, _num_sms(query.device), block_n, num_splits)
@@ -439,10 +544,6 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
     mid_o = ws.get("decode_mid_o", (B, Hq, S + 1, BLOCK_D), torch.float32)
     mid_l = ws.get("decode_mid_lse", (B, Hq, S + 1), torch.float32)
     out = torch.empty(B, 1, Hq, D, dtype=query.dtype, device=query.device)
-    kq, vq = layer.key_quantizer, layer.value_quantizer
-    rot_k, cent_k, cent_k2 = kq.kernel_tensors(query.device)
-    rot_v, cent_v, cent_v2 = vq.kernel_tensors(query.device)
-    (kbits, kbits2, ksplit), (vbits, vbits2, vsplit) = kq.code_layout, vq.code_layout
     # Before the first flush there are no code planes, and without a window no window planes: any
     # tensor of the right dtype stands in (never read: no quantized split runs / the window is empty).
     kc = layer.k_codes if layer.k_codes is not None else torch.empty(1, 1, 1, 1, dtype=torch.uint8,
@@ -450,7 +551,6 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
     kn = layer.k_norms if layer.k_norms is not None else rot_k.view(1, 1, -1)
     vc = layer.v_codes if layer.v_codes is not None else kc
     vn = layer.v_norms if layer.v_norms is not None else kn
-    split = split and layer.n_quant > 0
     k_perm = layer.k_perm if split else kc
     v_perm = layer.v_perm if split else k_perm
     kmean = layer.k_mean if layer.k_mean is not None else rot_k
@@ -460,20 +560,9 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
     kw = layer.k_win if layer.k_win is not None else ws.get("decode_no_window", (1, 1, 1, 1), query.dtype)
     vw = layer.v_win if layer.v_win is not None else kw
     mask_u8 = mask.view(torch.uint8) if mask is not None else kc.view(-1)[:1].view(1, 1)
-    if precision is None:
-        precision = {torch.float32: "ieee", torch.float16: "tf32x3", torch.bfloat16: "fp16"}[query.dtype]
-    if precision not in ("ieee", "tf32x3", "tf32", "fp16"):
-        raise ValueError(f"precision={precision!r}; choose 'ieee', 'tf32x3', 'tf32' or 'fp16'")
     BLOCK_G = max(16, next_pow2(G))
     if maxnreg is None and BLOCK_D <= 128 and num_warps == 8:
         maxnreg = 128
-    # With fp16 dot operands the pair tables hold fp16: the values tl.dot would round the centroids to.
-    table_dtype = torch.float16 if precision == "fp16" else torch.float32
-    width = D // 2 if split else D  # codes per row of one set
-    tab_k, kpair = _code_table(cent_k, kbits, width, table_dtype)
-    tab_v, vpair = _code_table(cent_v, vbits, width, table_dtype)
-    tab_k2, kpair2 = _code_table(cent_k2, kbits2, width, table_dtype) if split else (cent_k2, False)
-    tab_v2, vpair2 = _code_table(cent_v2, vbits2, width, table_dtype) if split else (cent_v2, False)
     with on_device(query.device):
         _decode_stage1_kernel[(B * Hkv, S + 1)](
             query, kc, kn, vc, vn, kmean, rot_k, tab_k, tab_v, tab_k2, tab_v2, k_perm, k_sketch, k_rnorm, s_qjl,
@@ -492,7 +581,7 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
             G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D, BLOCK_N=block_n, BLOCK_W=32, BLOCK_K=min(BLOCK_D, 64),
             KBITS=kbits, VBITS=vbits, HAS_MASK=mask is not None, HAS_SOFTCAP=bool(softcap),
             DOT_PRECISION=precision, SPLIT=split, KBITS2=kbits2, VBITS2=vbits2, KSPLIT=ksplit, VSPLIT=vsplit,
-            KPAIR=kpair, VPAIR=vpair, KPAIR2=kpair2, VPAIR2=vpair2, QJL=qjl,
+            KLUT=klut, VLUT=vlut, KLUT2=klut2, VLUT2=vlut2, QJL=qjl,
             num_warps=num_warps, num_stages=num_stages,
             **({"maxnreg": maxnreg} if maxnreg else {}),
         )

@@ -80,6 +80,8 @@ for module, name in ((dec, "_decode_stage1_kernel"), (dec, "_decode_stage2_kerne
     setattr(module, name, RECORDERS[name])
 # The cache refuses backend="triton" on CPU tensors outside the interpreter; nothing runs here.
 tq_cache._resolve_backend = lambda backend, device: "triton"
+# Launch what a GPU would: the register lookup's inline PTX compiles here, though the interpreter cannot run it.
+dec._PTX_DEVICES = ("cuda", "cpu")
 
 
 def drive(preset, D=128, dtype=torch.bfloat16, G=4, softcap=None, mask=False, window_only=False, **overrides):

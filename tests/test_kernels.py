@@ -319,14 +319,61 @@ def test_pair_tables():
     from tq_hf.kernels.decode import _code_table
 
     cent = codebook(128, 3)[0]
-    table, paired = _code_table(cent, 3, 128, torch.float16)
-    assert paired and table.shape == (64, 2) and table.dtype == torch.float16
+    table, lookup = _code_table(cent, 3, 128, torch.float16)
+    assert lookup == 1 and table.shape == (64, 2) and table.dtype == torch.float16
     c0, c1 = torch.randint(0, 8, (2, 100))
     assert torch.equal(table[c0 | c1 << 3], torch.stack([cent[c0], cent[c1]], -1).half())
     assert _code_table(cent, 3, 128, torch.float16)[0] is table  # built once
     for bits, d in ((1, 128), (8, 128), (3, 80), (4, 16)):
         c = torch.randn(1 << bits)
-        assert _code_table(c, bits, d, torch.float32) == (c, False)
+        assert _code_table(c, bits, d, torch.float32) == (c, 0)
+
+
+def _run_ptx(asm: str, regs: dict) -> dict:
+    """Run `asm`, a block of the PTX instructions and.b32 / or.b32 / shr.b32 / prmt.b32 (default mode)
+    and `mov.b32 {lo, hi}, r`, on unsigned 32-bit operands `regs` {"$8": ...}; returns every register."""
+    regs = dict(regs)
+    for ins in asm.strip().strip("{}").split(";"):
+        ins = ins.strip()
+        if not ins or ins.startswith(".reg"):
+            continue
+        op, args = ins.split(None, 1)
+        if op == "mov.b32":  # split a 32-bit register into two 16-bit halves, low half first
+            lo, hi, src = [a.strip("{} ") for a in args.split(",")]
+            regs[lo], regs[hi] = regs[src] & 0xFFFF, regs[src] >> 16
+            continue
+        dst, *src = [a.strip() for a in args.split(",")]
+        a, b, *c = [regs[x] if x in regs else int(x, 0) for x in src]
+        if op == "and.b32":
+            regs[dst] = a & b
+        elif op == "or.b32":
+            regs[dst] = a | b
+        elif op == "shr.b32":
+            regs[dst] = a >> b
+        elif op == "prmt.b32":  # byte i of the result = byte (nibble i of c) of the 8 bytes b:a
+            assert all(c[0] >> (4 * i) & 8 == 0 for i in range(4)), "sign-replicating selector"
+            src_bytes = (a | b << 32).to_bytes(8, "little")
+            regs[dst] = int.from_bytes(bytes(src_bytes[c[0] >> (4 * i) & 7] for i in range(4)), "little")
+        else:
+            raise AssertionError(f"no model of {op}")
+    return regs
+
+
+@pytest.mark.parametrize("dim", [64, 128, 256])
+def test_register_lookup_ptx(request, dim):
+    """The register lookup's PTX (`_LUT16_ASM`), run by a model of its five instructions, turns random code
+    words into the fp16 centroids of their eight codes. The interpreter cannot run PTX: on a GPU the decode
+    tests check the compiled kernel against the reference."""
+    from tq_hf.kernels.decode import _LUT16_ASM, _register_table
+
+    _seed(request)
+    cent = codebook(dim, 4)[0]
+    table = {f"${9 + i}": w & 0xFFFFFFFF for i, w in enumerate(_register_table(cent).tolist())}
+    for word in torch.randint(0, 2**32, (300,)).tolist() + [0, 2**32 - 1]:
+        regs = _run_ptx(_LUT16_ASM.value, {"$8": word, **table})
+        got = torch.tensor([regs[f"${i}"] for i in range(8)], dtype=torch.int32).to(torch.int16).view(torch.float16)
+        codes = [word >> (4 * i) & 15 for i in range(8)]
+        assert torch.equal(got, cent.half()[codes]), (hex(word), got, cent.half()[codes])
 
 
 def test_plan_splits():
