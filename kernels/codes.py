@@ -102,15 +102,34 @@ def load_code_groups(base, row_off, row_mask, D: tl.constexpr, BITS: tl.constexp
 
 
 @triton.jit
+def load_group_words(base, row_off, row_mask, D: tl.constexpr, BITS: tl.constexpr):
+    """The codes of whole rows as groups of eight, `[BLOCK_N, D // 8]` uint32, BITS in {3, 4}, D a multiple
+    of 32: code 8g + j of a row is bits [j*BITS, (j+1)*BITS) of its entry g (bits from 8*BITS up are
+    undefined at 3 bits). Read as aligned 32-bit words only (rows are D*BITS/8 bytes, a multiple of 4):
+    4 bits: one word per group; 3 bits: the 24-bit group g = 4s + t starts at byte 3t % 4 of word
+    3s + 3t // 4 and, for t = 1, 2, ends in the next word: two loads and a funnel shift. (Three byte
+    loads per group, as `load_code_groups` does, are converted to the gather's layout one by one:
+    ~60 % more instructions per tile.)"""
+    grp = tl.arange(0, D // 8)
+    # int32 pointer arithmetic, so the compiler sees rows of consecutive words (vector loads)
+    words = base.to(tl.pointer_type(tl.int32)) + (row_off // 4)[:, None]
+    if BITS == 3:
+        t = grp % 4
+        wi = (grp // 4) * 3 + (3 * t) // 4
+        sh = ((3 * t) % 4) * 8
+        lo = tl.load(words + wi[None, :], mask=row_mask[:, None], other=0).to(tl.uint32, bitcast=True)
+        hi = tl.load(words + wi[None, :] + 1, mask=row_mask[:, None] & ((t == 1) | (t == 2))[None, :], other=0)
+        word = (lo >> sh[None, :]) | (hi.to(tl.uint32, bitcast=True) << ((32 - sh) & 31)[None, :])
+    else:
+        word = tl.load(words + grp[None, :], mask=row_mask[:, None], other=0).to(tl.uint32, bitcast=True)
+    return word
+
+
+@triton.jit
 def load_pair_indices(base, row_off, row_mask, D: tl.constexpr, BITS: tl.constexpr):
     """Pair indices `[BLOCK_N, D // 2]` int32 of whole rows, BITS in {2, 3, 4}, D a multiple of 32:
-    entry j is c_{2j} | c_{2j+1} << BITS, the 2*BITS-bit field at bit 2j*BITS of the row.
-
-    Read as aligned 32-bit words only (rows are D*BITS/8 bytes, a multiple of 4). 4 bits: a word is
-    8 codes, 4 pairs; 2 bits: 16 codes, 8 pairs. 3 bits: the 24-bit group g = 4s + t (8 codes) starts
-    at byte 3t % 4 of word 3s + 3t // 4 and, for t = 1, 2, ends in the next word: two loads and a
-    funnel shift. (Three byte loads per group, as `load_code_groups` does, are converted to the
-    gather's layout one by one: ~60 % more instructions per tile.)"""
+    entry j is c_{2j} | c_{2j+1} << BITS, the 2*BITS-bit field at bit 2j*BITS of the row. 2 bits: a
+    32-bit word holds 16 codes, 8 pairs; 3 and 4 bits: `load_group_words`, 4 pairs per group."""
     BLOCK_N: tl.constexpr = row_off.shape[0]
     MASK: tl.constexpr = (1 << (2 * BITS)) - 1
     if BITS == 2:
@@ -120,20 +139,8 @@ def load_pair_indices(base, row_off, row_mask, D: tl.constexpr, BITS: tl.constex
         k = tl.arange(0, 8)
         pair = (word[:, :, None] >> (4 * k)[None, None, :]) & MASK
     else:
-        grp = tl.arange(0, D // 8)
-        if BITS == 3:
-            t = grp % 4
-            wi = (grp // 4) * 3 + (3 * t) // 4
-            sh = ((3 * t) % 4) * 8
-            ptr = (base + row_off[:, None] + wi[None, :] * 4).to(tl.pointer_type(tl.int32))
-            lo = tl.load(ptr, mask=row_mask[:, None], other=0).to(tl.uint32, bitcast=True)
-            hi = tl.load(ptr + 1, mask=row_mask[:, None] & ((t == 1) | (t == 2))[None, :], other=0)
-            word = (lo >> sh[None, :]) | (hi.to(tl.uint32, bitcast=True) << ((32 - sh) & 31)[None, :])
-        else:
-            ptr = (base + row_off[:, None] + grp[None, :] * 4).to(tl.pointer_type(tl.int32))
-            # logical shifts: a 4-bit group's top pair sits in the sign byte of the int32 word
-            word = tl.load(ptr, mask=row_mask[:, None], other=0).to(tl.uint32, bitcast=True)
+        # logical shifts: a 4-bit group's top pair sits in the sign byte of the word
+        word = load_group_words(base, row_off, row_mask, D, BITS)
         j = tl.arange(0, 4)
         pair = (word[:, :, None] >> (2 * BITS * j)[None, None, :]) & MASK
     return tl.reshape(pair.to(tl.int32, bitcast=True), (BLOCK_N, D // 2))
-

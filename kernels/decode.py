@@ -32,7 +32,7 @@ import triton.language as tl
 
 from tq_hf.workspace import get_workspace
 
-from .codes import load_code_rows, load_pair_indices
+from .codes import load_code_rows, load_group_words, load_pair_indices
 from .quantize import next_pow2, on_device
 
 _NEG_INF = float("-inf")
@@ -48,26 +48,52 @@ def _dot(a, b, PRECISION: tl.constexpr):
         return tl.dot(a, b, input_precision=PRECISION)
 
 
-def _lut16_ptx() -> str:
-    """PTX that looks the eight 4-bit codes of a 32-bit word up in a 16-entry fp16 table held in registers:
-    $8 the word, $9-$12 the low bytes of entries 0-3, 4-7, 8-11, 12-15, $13-$16 their high bytes
-    (`_register_table`); $0-$7 the fp16 centroids of codes 0-7. prmt picks 4 bytes out of 8 by 3-bit
-    selectors: per four codes, the low 3 bits of each pick its byte among entries 0-7 and among 8-15, its
-    top bit picks between the two, and two more prmt interleave low and high bytes into fp16 pairs."""
+def _lookup_ptx(bits: int) -> str:
+    """PTX that looks the eight codes of a group (`load_group_words`) up in a fp16 table of 2**bits entries
+    held in registers, bits 3 or 4: $8 the group, then the table (`_register_table`): the low bytes of
+    entries 0-3, 4-7, ... and after them their high bytes; $0-$7 the fp16 centroids of codes 0-7.
+    prmt picks 4 bytes out of 8 by 3-bit selectors, so each code's low 3 bits pick its byte among eight
+    entries (of the upper eight too at 4 bits, where its top bit then picks between the two), and two more
+    prmt interleave low and high bytes into fp16 pairs. Selectors are nibbles, prmt reads the low 16 bits:
+    codes 0-3, then (shifted down) codes 4-7."""
     ptx = "{\n.reg .b32 s, t, a, b, lo, hi, p, q;\n"
-    for half in (0, 1):  # codes 0-3 from the low 16 bits, 4-7 from the high ones
-        o = 4 * half
-        ptx += ("and.b32 s, $8, 0x7777;\nshr.b32 t, $8, 1;\n" if half == 0 else
-                "shr.b32 s, $8, 16;\nand.b32 s, s, 0x7777;\nshr.b32 t, $8, 17;\n")
-        ptx += f"""and.b32 t, t, 0x4444;
-or.b32 t, t, 0x3210;
-prmt.b32 a, $9, $10, s;
+    if bits == 4:
+        # s: each code's low 3 bits; t: nibble i is i, plus 4 if code i's top bit is set
+        ptx += """and.b32 s, $8, 0x77777777;
+shr.b32 t, $8, 1;
+and.b32 t, t, 0x44444444;
+or.b32 t, t, 0x32103210;
+"""
+        # low (then high) bytes of entries 0-7 in a, of entries 8-15 in b; t picks
+        look = """prmt.b32 a, $9, $10, s;
 prmt.b32 b, $11, $12, s;
 prmt.b32 lo, a, b, t;
 prmt.b32 a, $13, $14, s;
 prmt.b32 b, $15, $16, s;
 prmt.b32 hi, a, b, t;
-prmt.b32 p, lo, hi, 0x5140;
+"""
+    else:
+        # spread the eight 3-bit fields into nibbles: 12-bit halves apart, then 6-bit quarters, then fields
+        ptx += """and.b32 s, $8, 0xFFF;
+shl.b32 t, $8, 4;
+and.b32 t, t, 0x0FFF0000;
+or.b32 s, s, t;
+shl.b32 t, s, 2;
+and.b32 s, s, 0x003F003F;
+and.b32 t, t, 0x3F003F00;
+or.b32 s, s, t;
+shl.b32 t, s, 1;
+and.b32 s, s, 0x07070707;
+and.b32 t, t, 0x70707070;
+or.b32 s, s, t;
+"""
+        look = """prmt.b32 lo, $9, $10, s;
+prmt.b32 hi, $11, $12, s;
+"""
+    for half in (0, 1):
+        o = 4 * half
+        ptx += "" if half == 0 else "shr.b32 s, s, 16;\n" + ("shr.b32 t, t, 16;\n" if bits == 4 else "")
+        ptx += look + f"""prmt.b32 p, lo, hi, 0x5140;
 prmt.b32 q, lo, hi, 0x7362;
 mov.b32 {{${o}, ${o + 1}}}, p;
 mov.b32 {{${o + 2}, ${o + 3}}}, q;
@@ -75,23 +101,26 @@ mov.b32 {{${o + 2}, ${o + 3}}}, q;
     return ptx + "}"
 
 
-_LUT16_ASM = tl.constexpr(_lut16_ptx())
+_LOOKUP4_PTX = tl.constexpr(_lookup_ptx(4))
+_LOOKUP3_PTX = tl.constexpr(_lookup_ptx(3))
 
 
 @triton.jit
-def _lut16_rows(base, row_off, row_mask, Table, D: tl.constexpr):
-    """fp16 centroids `[BLOCK_N, D]` of whole rows of 4-bit codes, looked up in registers (`_LUT16_ASM`);
-    Table: the 8 int32 words of `_register_table`."""
-    grp = tl.arange(0, D // 8)
-    # int32 pointer arithmetic, so the compiler sees whole rows of consecutive words (vector loads)
-    ptr = base.to(tl.pointer_type(tl.int32)) + (row_off // 4)[:, None] + grp[None, :]
-    word = tl.load(ptr, mask=row_mask[:, None], other=0)
+def _register_rows(base, row_off, row_mask, Table, D: tl.constexpr, BITS: tl.constexpr):
+    """fp16 centroids `[BLOCK_N, D]` of whole rows of 3- or 4-bit codes, looked up in registers
+    (`_lookup_ptx`); Table: the int32 words of `_register_table`."""
+    word = load_group_words(base, row_off, row_mask, D, BITS)
     z = tl.zeros_like(word)
-    c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
-        _LUT16_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r,r,r,r,r",
-        [word, z + tl.load(Table), z + tl.load(Table + 1), z + tl.load(Table + 2), z + tl.load(Table + 3),
-         z + tl.load(Table + 4), z + tl.load(Table + 5), z + tl.load(Table + 6), z + tl.load(Table + 7)],
-        dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+    t0, t1, t2, t3 = z + tl.load(Table), z + tl.load(Table + 1), z + tl.load(Table + 2), z + tl.load(Table + 3)
+    if BITS == 4:
+        t4, t5, t6, t7 = z + tl.load(Table + 4), z + tl.load(Table + 5), z + tl.load(Table + 6), z + tl.load(Table + 7)
+        c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
+            _LOOKUP4_PTX, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r,r,r,r,r", [word, t0, t1, t2, t3, t4, t5, t6, t7],
+            dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+    else:
+        c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
+            _LOOKUP3_PTX, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r", [word, t0, t1, t2, t3],
+            dtype=(tl.float16,) * 8, is_pure=True, pack=1)
     # join appends an axis: [BLOCK_N, D/8, 2, 2, 2] holds code 8g + 4i + 2j + k at [:, g, i, j, k]
     x = tl.join(tl.join(tl.join(c0, c4), tl.join(c2, c6)), tl.join(tl.join(c1, c5), tl.join(c3, c7)))
     return tl.reshape(x, (row_off.shape[0], D))
@@ -104,7 +133,7 @@ def _centroid_rows(base, row_off, row_mask, Table, D: tl.constexpr, BLOCK_D: tl.
     4-bit codes up in registers (Table: `_register_table`'s words), LUT 1 gathers two codes' centroids at once
     from the pair table `[2**(2*BITS), 2]`, LUT 0 gathers each code's from the centroids themselves."""
     if LUT == 2:
-        return _lut16_rows(base, row_off, row_mask, Table, D)
+        return _register_rows(base, row_off, row_mask, Table, D, BITS)
     elif LUT == 1:
         pair = load_pair_indices(base, row_off, row_mask, D, BITS)
         vals = tl.load(Table + pair[:, :, None] * 2 + tl.arange(0, 2)[None, None, :])
@@ -403,16 +432,16 @@ _PTX_DEVICES = ("cuda",)
 
 
 def _register_lookup(bits: int, d: int, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether rows of `d` codes of `bits` bits are looked up in registers (`_lut16_rows`): 4-bit rows
-    read whole, fp16 dot operands, compiled code."""
-    return bits == 4 and _paired(bits, d) and dtype == torch.float16 and device.type in _PTX_DEVICES
+    """Whether rows of `d` codes of `bits` bits are looked up in registers (`_register_rows`): 3- and 4-bit
+    rows read whole, fp16 dot operands, compiled code."""
+    return bits in (3, 4) and _paired(bits, d) and dtype == torch.float16 and device.type in _PTX_DEVICES
 
 
 def _register_table(cent: torch.Tensor) -> torch.Tensor:
-    """The 16 fp16 centroids `cent` as `_LUT16_ASM` reads them, int32 `[8]`: words 0-3 hold the low bytes
-    of entries 4w..4w+3 (entry 4w in the lowest byte), words 4-7 their high bytes."""
-    byte = cent.to(torch.float16).view(torch.uint8).view(16, 2)  # little-endian: low byte first
-    return byte.t().contiguous().view(torch.int32).view(8)
+    """The 2**bits fp16 centroids `cent` as `_lookup_ptx` reads them, int32 `[2**bits // 2]`: the low bytes of
+    entries 0-3, 4-7, ... (entry 4w in the lowest byte of word w), then their high bytes."""
+    byte = cent.to(torch.float16).view(torch.uint8).view(-1, 2)  # little-endian: low byte first
+    return byte.t().contiguous().view(torch.int32).view(-1)
 
 
 _TABLES: dict = {}
@@ -423,8 +452,8 @@ def _code_table(cent: torch.Tensor, bits: int, d: int, dtype: torch.dtype,
     """(table, lookup) that stage 1 reads the centroids `cent` [2**bits] (fp32) of `d`-code rows with
     (`_centroid_rows`).
     - lookup 2, where `registers` and `_register_lookup`: `_register_table(cent)`, looked up in registers,
-      no memory access per code. On an H200 at 8 x 64K tokens, 4bit: 935 -> 708 us per call at the pair
-      table's launch shape, 592 us with its own (256-token tiles, two stages; `kernels/PERF_NOTES.md`).
+      no memory access per code: on an H200, 1.5x faster than the pair table at 4 bits (each at its best
+      launch shape), 1.03x at 3 bits (`kernels/PERF_NOTES.md`).
     - lookup 1 (`_paired`): the pair table T[P] = (cent[P & (2**bits - 1)], cent[P >> bits]),
       `[2**(2*bits), 2]` in `dtype`; one gather fetches two codes' centroids: ~35 % fewer instructions
       per tile than lookup 0, 1.1x (4 bits) and 1.5x (3 bits) faster on an H200.
@@ -480,16 +509,14 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
             accumulation for bf16 (finer than bf16; 2.4x faster than tf32x3 on an H200; values must
             stay within fp16's range, |v| < 65504, as they do in practice).
         block_n: tokens per tile, a power of two >= 32 (16-token tiles gave wrong results on an H200
-            with Triton 3.6). Default at D <= 128: 256 where keys and values are both looked up in
-            registers (`_code_table`), else 128 (with 4 warps: 1.3-1.5x faster than 64 tokens and 8
-            warps on an H200 with Triton 3.6, `kernels/PERF_NOTES.md`); 64 at D = 256 (the previous
-            defaults, not re-measured with the transposed tiles).
-        num_warps, num_stages, maxnreg: stage 1's launch options. num_warps defaults to 4 at D <= 128,
-            else 8; num_stages to 2 with the 256-token register-lookup tiles (618 -> 592 us at 8 x 64K,
-            4bit, on an H200; with split codes two stages were 2.9x slower), else 1. maxnreg caps the registers per thread;
-            by default 128 for 8 warps at D <= 128, which lets two 8-warp programs share an SM and was
-            4-10 % faster on an H200 with 64-token tiles. Larger D would spill under the cap, so it
-            stays uncapped there.
+            with Triton 3.6). num_warps, num_stages, maxnreg: stage 1's launch options. Defaults, the best
+            measured on an H200 with Triton 3.6 (`kernels/PERF_NOTES.md`): 4-bit keys and values looked up
+            in registers (`_code_table`) take 256-token tiles at D = 128 (128 at D = 64), 4 warps and two
+            stages (592 against 618 us with one stage at 8 x 64K; two stages made every other path slower,
+            up to 3x); other paths 128-token tiles, 4 warps, one stage, except pair tables at D = 256
+            (64 tokens, 8 warps). maxnreg caps the registers per thread; by default 128 for 8 warps at
+            D <= 128, which lets two 8-warp programs share an SM and was 4-10 % faster on an H200 with
+            64-token tiles. Larger D would spill under the cap, so it stays uncapped there.
     Returns:
         `[B, 1, Hq, D]` in query's dtype.
     """
@@ -530,13 +557,17 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
     tab_v, vlut = _code_table(cent_v, vbits, width, table_dtype, registers=not split)
     tab_k2, klut2 = _code_table(cent_k2, kbits2, width, table_dtype, registers=False) if split else (cent_k2, 0)
     tab_v2, vlut2 = _code_table(cent_v2, vbits2, width, table_dtype, registers=False) if split else (cent_v2, 0)
-    registers = klut == vlut == 2 and BLOCK_D <= 128  # the launch shape measured for register lookups
+    # Launch shapes measured on an H200 (`kernels/PERF_NOTES.md`): 4-bit keys and values looked up in registers
+    # run best with two stages (and 256-token tiles at D = 128); everything else with 128 tokens, 4 warps,
+    # one stage, except the pair tables at D = 256 (64 tokens, 8 warps).
+    lut4 = klut == vlut == 2 and kbits == vbits == 4 and BLOCK_D <= 128
+    small = BLOCK_D <= 128 or klut == 2
     if block_n is None:
-        block_n = 256 if registers else 128 if BLOCK_D <= 128 else 64
+        block_n = 256 if lut4 and BLOCK_D == 128 else 128 if small else 64
     if num_warps is None:
-        num_warps = 4 if BLOCK_D <= 128 else 8
+        num_warps = 4 if small else 8
     if num_stages is None:
-        num_stages = 2 if registers else 1
+        num_stages = 2 if lut4 else 1
     if block_n < 32 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two >= 32, got {block_n}")
     S, chunk = plan_splits(layer.n_quant, B * Hkv, _num_sms(query.device), block_n, num_splits)

@@ -330,7 +330,7 @@ def test_pair_tables():
 
 
 def _run_ptx(asm: str, regs: dict) -> dict:
-    """Run `asm`, a block of the PTX instructions and.b32 / or.b32 / shr.b32 / prmt.b32 (default mode)
+    """Run `asm`, a block of the PTX instructions and.b32 / or.b32 / shl.b32 / shr.b32 / prmt.b32 (default mode)
     and `mov.b32 {lo, hi}, r`, on unsigned 32-bit operands `regs` {"$8": ...}; returns every register."""
     regs = dict(regs)
     for ins in asm.strip().strip("{}").split(";"):
@@ -348,6 +348,8 @@ def _run_ptx(asm: str, regs: dict) -> dict:
             regs[dst] = a & b
         elif op == "or.b32":
             regs[dst] = a | b
+        elif op == "shl.b32":
+            regs[dst] = a << b & 0xFFFFFFFF
         elif op == "shr.b32":
             regs[dst] = a >> b
         elif op == "prmt.b32":  # byte i of the result = byte (nibble i of c) of the 8 bytes b:a
@@ -359,21 +361,23 @@ def _run_ptx(asm: str, regs: dict) -> dict:
     return regs
 
 
-@pytest.mark.parametrize("dim", [64, 128, 256])
-def test_register_lookup_ptx(request, dim):
-    """The register lookup's PTX (`_LUT16_ASM`), run by a model of its five instructions, turns random code
-    words into the fp16 centroids of their eight codes. The interpreter cannot run PTX: on a GPU the decode
-    tests check the compiled kernel against the reference."""
-    from tq_hf.kernels.decode import _LUT16_ASM, _register_table
+@pytest.mark.parametrize("dim,bits", [(64, 4), (128, 4), (256, 4), (64, 3), (128, 3), (256, 3)])
+def test_register_lookup_ptx(request, dim, bits):
+    """The register lookup's PTX (`_lookup_ptx`), run by a model of its instructions, turns random groups of
+    eight codes (`load_group_words`: bits above 8 * bits are the next group's) into their fp16 centroids.
+    The interpreter cannot run PTX: on a GPU the decode tests check the compiled kernel against the reference."""
+    from tq_hf.kernels.decode import _lookup_ptx, _register_table
 
     _seed(request)
-    cent = codebook(dim, 4)[0]
+    cent = codebook(dim, bits)[0]
     table = {f"${9 + i}": w & 0xFFFFFFFF for i, w in enumerate(_register_table(cent).tolist())}
+    ptx = _lookup_ptx(bits)
     for word in torch.randint(0, 2**32, (300,)).tolist() + [0, 2**32 - 1]:
-        regs = _run_ptx(_LUT16_ASM.value, {"$8": word, **table})
+        regs = _run_ptx(ptx, {"$8": word, **table})
         got = torch.tensor([regs[f"${i}"] for i in range(8)], dtype=torch.int32).to(torch.int16).view(torch.float16)
-        codes = [word >> (4 * i) & 15 for i in range(8)]
+        codes = [word >> (bits * i) & ((1 << bits) - 1) for i in range(8)]
         assert torch.equal(got, cent.half()[codes]), (hex(word), got, cent.half()[codes])
+
 
 
 def test_plan_splits():
