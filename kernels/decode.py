@@ -5,7 +5,7 @@ code byte is read from memory once. Splits 0..S-1 cover the quantized positions:
 rotated once into the code space, scores are q_rot . (norm * c[idx]) (+ q . mean for centred
 keys), values are accumulated in the rotated space. Split S is the exact full-precision window,
 in the original space. Each split writes its normalised partial output and log-sum-exp.
-The centroids c[idx] come from `_code_table`'s lookup: 4-bit codes are looked up in registers with
+The centroids c[idx] come from `_code_table`'s lookup: 3- and 4-bit codes are looked up in registers with
 byte permutes (inline PTX, compiled code only), other widths gathered from a table in L1.
 Tiles are computed transposed, s^T = K q^T and acc^T = V^T p^T: the gathered code tiles are the
 first operand of the dot, which Triton keeps in registers for Hopper's wgmma instead of writing them
@@ -130,7 +130,7 @@ def _register_rows(base, row_off, row_mask, Table, D: tl.constexpr, BITS: tl.con
 def _centroid_rows(base, row_off, row_mask, Table, D: tl.constexpr, BLOCK_D: tl.constexpr, BITS: tl.constexpr,
                    LUT: tl.constexpr):
     """The centroids of whole code rows, `[BLOCK_N, BLOCK_D]`, by the lookup `_code_table` chose: LUT 2 looks
-    4-bit codes up in registers (Table: `_register_table`'s words), LUT 1 gathers two codes' centroids at once
+    3- or 4-bit codes up in registers (Table: `_register_table`'s words), LUT 1 gathers two codes' centroids at once
     from the pair table `[2**(2*BITS), 2]`, LUT 0 gathers each code's from the centroids themselves."""
     if LUT == 2:
         return _register_rows(base, row_off, row_mask, Table, D, BITS)
@@ -447,11 +447,10 @@ def _register_table(cent: torch.Tensor) -> torch.Tensor:
 _TABLES: dict = {}
 
 
-def _code_table(cent: torch.Tensor, bits: int, d: int, dtype: torch.dtype,
-                registers: bool = True) -> tuple[torch.Tensor, int]:
+def _code_table(cent: torch.Tensor, bits: int, d: int, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
     """(table, lookup) that stage 1 reads the centroids `cent` [2**bits] (fp32) of `d`-code rows with
     (`_centroid_rows`).
-    - lookup 2, where `registers` and `_register_lookup`: `_register_table(cent)`, looked up in registers,
+    - lookup 2, where `_register_lookup`: `_register_table(cent)`, looked up in registers,
       no memory access per code: on an H200, 1.5x faster than the pair table at 4 bits (each at its best
       launch shape), 1.03x at 3 bits (`kernels/PERF_NOTES.md`).
     - lookup 1 (`_paired`): the pair table T[P] = (cent[P & (2**bits - 1)], cent[P >> bits]),
@@ -462,7 +461,7 @@ def _code_table(cent: torch.Tensor, bits: int, d: int, dtype: torch.dtype,
     (`tq_hf.codec.codebook`), a function of (d, bits) alone, so every layer shares one table."""
     if not _paired(bits, d):
         return cent, 0
-    lookup = 2 if registers and _register_lookup(bits, d, dtype, cent.device) else 1
+    lookup = 2 if _register_lookup(bits, d, dtype, cent.device) else 1
     key = (d, bits, cent.device, dtype, lookup)
     if key not in _TABLES:
         if lookup == 2:
@@ -513,8 +512,8 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
             measured on an H200 with Triton 3.6 (`kernels/PERF_NOTES.md`): 4-bit keys and values looked up
             in registers (`_code_table`) take 256-token tiles at D = 128 (128 at D = 64), 4 warps and two
             stages (592 against 618 us with one stage at 8 x 64K; two stages made every other path slower,
-            up to 3x); other paths 128-token tiles, 4 warps, one stage, except pair tables at D = 256
-            (64 tokens, 8 warps). maxnreg caps the registers per thread; by default 128 for 8 warps at
+            up to 3x); split codes looked up in registers 256-token tiles, 4 warps, one stage; other paths
+            128-token tiles, 4 warps, one stage, except pair tables at D = 256 (64 tokens, 8 warps). maxnreg caps the registers per thread; by default 128 for 8 warps at
             D <= 128, which lets two 8-warp programs share an SM and was 4-10 % faster on an H200 with
             64-token tiles. Larger D would spill under the cap, so it stays uncapped there.
     Returns:
@@ -552,18 +551,18 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
     # With fp16 dot operands the tables hold fp16: the values tl.dot would round the centroids to.
     table_dtype = torch.float16 if precision == "fp16" else torch.float32
     width = D // 2 if split else D  # codes per row of one set
-    # Split codes keep the pair tables: the register lookup of their 4-bit set was slower on an H200.
-    tab_k, klut = _code_table(cent_k, kbits, width, table_dtype, registers=not split)
-    tab_v, vlut = _code_table(cent_v, vbits, width, table_dtype, registers=not split)
-    tab_k2, klut2 = _code_table(cent_k2, kbits2, width, table_dtype, registers=False) if split else (cent_k2, 0)
-    tab_v2, vlut2 = _code_table(cent_v2, vbits2, width, table_dtype, registers=False) if split else (cent_v2, 0)
+    tab_k, klut = _code_table(cent_k, kbits, width, table_dtype)
+    tab_v, vlut = _code_table(cent_v, vbits, width, table_dtype)
+    tab_k2, klut2 = _code_table(cent_k2, kbits2, width, table_dtype) if split else (cent_k2, 0)
+    tab_v2, vlut2 = _code_table(cent_v2, vbits2, width, table_dtype) if split else (cent_v2, 0)
     # Launch shapes measured on an H200 (`kernels/PERF_NOTES.md`): 4-bit keys and values looked up in registers
-    # run best with two stages (and 256-token tiles at D = 128); everything else with 128 tokens, 4 warps,
-    # one stage, except the pair tables at D = 256 (64 tokens, 8 warps).
-    lut4 = klut == vlut == 2 and kbits == vbits == 4 and BLOCK_D <= 128
+    # run best with two stages, split codes looked up in registers with one; both with 256-token tiles at
+    # D = 128. Everything else: 128 tokens, 4 warps, one stage, except pair tables at D = 256 (64 tokens, 8 warps).
+    lut4 = klut == vlut == 2 and kbits == vbits == 4 and not split and BLOCK_D <= 128
+    wide = BLOCK_D == 128 and (lut4 or (split and klut == 2))
     small = BLOCK_D <= 128 or klut == 2
     if block_n is None:
-        block_n = 256 if lut4 and BLOCK_D == 128 else 128 if small else 64
+        block_n = 256 if wide else 128 if small else 64
     if num_warps is None:
         num_warps = 4 if small else 8
     if num_stages is None:
