@@ -329,6 +329,20 @@ def test_pair_tables():
         assert _code_table(c, bits, d, torch.float32) == (c, 0)
 
 
+def test_register_lookup_dispatch():
+    """Which rows the decode kernel looks up in registers: 3- and 4-bit rows of a power-of-two width >= 32,
+    with fp16 dot operands (bf16 models), in compiled code (CUDA tensors; the interpreter cannot run PTX)."""
+    from tq_hf.kernels.decode import _register_lookup
+
+    cuda, cpu, f16 = torch.device("cuda"), torch.device("cpu"), torch.float16
+    assert _register_lookup(4, 128, f16, cuda) and _register_lookup(3, 64, f16, cuda)
+    assert _register_lookup(4, 256, f16, cuda)
+    assert not _register_lookup(4, 128, f16, cpu)  # the interpreter
+    assert not _register_lookup(4, 128, torch.float32, cuda)  # fp32 / fp16 models: fp32 tables, gathered
+    assert not any(_register_lookup(b, 128, f16, cuda) for b in (1, 2, 5, 8))
+    assert not _register_lookup(4, 96, f16, cuda) and not _register_lookup(4, 16, f16, cuda)
+
+
 def _run_ptx(asm: str, regs: dict) -> dict:
     """Run `asm`, a block of the PTX instructions and.b32 / or.b32 / shl.b32 / shr.b32 / prmt.b32 (default mode)
     and `mov.b32 {lo, hi}, r`, on unsigned 32-bit operands `regs` {"$8": ...}; returns every register."""
