@@ -103,16 +103,16 @@ def load_code_groups(base, row_off, row_mask, D: tl.constexpr, BITS: tl.constexp
 
 @triton.jit
 def load_group_words(base, row_off, row_mask, D: tl.constexpr, BITS: tl.constexpr):
-    """The codes of whole rows as groups of eight, `[BLOCK_N, D // 8]` uint32, BITS in {3, 4}, D a multiple
-    of 32: code 8g + j of a row is bits [j*BITS, (j+1)*BITS) of its entry g (bits from 8*BITS up are
-    undefined at 3 bits). Read as aligned 32-bit words only (rows are D*BITS/8 bytes, a multiple of 4):
-    4 bits: one word per group; 3 bits: the 24-bit group g = 4s + t starts at byte 3t % 4 of word
-    3s + 3t // 4 and, for t = 1, 2, ends in the next word: two loads and a funnel shift. (Three byte
-    loads per group, as `load_code_groups` does, are converted to the gather's layout one by one:
-    ~60 % more instructions per tile.)"""
+    """The codes of whole rows as groups of eight, `[BLOCK_N, D // 8]` uint32, BITS in {3, 4}, D a power of
+    two >= 32: code 8g + j of a row is bits [j*BITS, (j+1)*BITS) of its entry g (bits from 8*BITS up are
+    undefined at 3 bits). Read as aligned 32-bit words only: `base`, the row offsets (bytes) and the rows
+    (D*BITS/8 bytes) are multiples of 4 bytes, as the decode launcher's `_word_rows` guarantees. 4 bits:
+    one word per group; 3 bits: the 24-bit group g = 4s + t starts at byte 3t % 4 of word 3s + 3t // 4
+    and, for t = 1, 2, ends in the next word: two loads and a funnel shift. (Three byte loads per group,
+    as `load_code_groups` does, cost ~60 % more instructions per tile with the pair table.)"""
     grp = tl.arange(0, D // 8)
     # int32 pointer arithmetic, so the compiler sees rows of consecutive words (vector loads)
-    words = base.to(tl.pointer_type(tl.int32)) + (row_off // 4)[:, None]
+    words = base.to(tl.pointer_type(tl.int32)) + (row_off >> 2)[:, None]
     if BITS == 3:
         t = grp % 4
         wi = (grp // 4) * 3 + (3 * t) // 4
@@ -127,7 +127,7 @@ def load_group_words(base, row_off, row_mask, D: tl.constexpr, BITS: tl.constexp
 
 @triton.jit
 def load_pair_indices(base, row_off, row_mask, D: tl.constexpr, BITS: tl.constexpr):
-    """Pair indices `[BLOCK_N, D // 2]` int32 of whole rows, BITS in {2, 3, 4}, D a multiple of 32:
+    """Pair indices `[BLOCK_N, D // 2]` int32 of whole rows, BITS in {2, 3, 4}, D a power of two >= 32:
     entry j is c_{2j} | c_{2j+1} << BITS, the 2*BITS-bit field at bit 2j*BITS of the row. 2 bits: a
     32-bit word holds 16 codes, 8 pairs; 3 and 4 bits: `load_group_words`, 4 pairs per group."""
     BLOCK_N: tl.constexpr = row_off.shape[0]

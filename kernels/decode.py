@@ -5,12 +5,13 @@ code byte is read from memory once. Splits 0..S-1 cover the quantized positions:
 rotated once into the code space, scores are q_rot . (norm * c[idx]) (+ q . mean for centred
 keys), values are accumulated in the rotated space. Split S is the exact full-precision window,
 in the original space. Each split writes its normalised partial output and log-sum-exp.
-The centroids c[idx] come from `_code_table`'s lookup: 3- and 4-bit codes are looked up in registers with
-byte permutes (inline PTX, compiled code only), other widths gathered from a table in L1.
-Tiles are computed transposed, s^T = K q^T and acc^T = V^T p^T: the gathered code tiles are the
-first operand of the dot, which Triton keeps in registers for Hopper's wgmma instead of writing them
-to shared memory first. With 128-token tiles and 4 warps that made stage 1 1.3-1.5x faster on an
-H200 than the [G, N] orientation at its best launch (64 tokens, 8 warps): `kernels/PERF_NOTES.md`.
+The centroids c[idx] are read as `_code_table` chooses: for bf16 models (fp16 dot operands) 3- and 4-bit
+code rows are looked up in registers by byte permutes (inline PTX, so compiled code only), other
+cases gather them from a small table in L1.
+Tiles are computed transposed, s^T = K q^T and acc^T = V^T p^T: the centroid tiles are the first
+operand of the dot. With the gathers that was 1.3-1.5x faster on an H200 than the [G, N] orientation
+(`kernels/PERF_NOTES.md`); Triton still stages the tiles through shared memory to reach the wgmma
+operand layout.
 Stage 2: one program per (batch, kv head) merges the splits, un-rotates the quantized part
 once (o = o_rot @ Pi_v + o_window) and writes the model dtype in the `[B, 1, Hq, D]` layout
 the model consumes, so no copy or cast kernel follows.
@@ -25,6 +26,8 @@ QJL keys (TurboQuant_prod, QJL): the codes hold key_bits - 1 bits, and each quan
 ||r|| sqrt(pi/2) / D * <S q, sign(S r)>, the unbiased estimate of <q, r> for the residual r the codes
 miss: S q is computed once per program like the rotated query, the signs are 1-bit code rows.
 """
+
+import os
 
 import torch
 import triton
@@ -48,33 +51,50 @@ def _dot(a, b, PRECISION: tl.constexpr):
         return tl.dot(a, b, input_precision=PRECISION)
 
 
-def _lookup_ptx(bits: int) -> str:
-    """PTX that looks the eight codes of a group (`load_group_words`) up in a fp16 table of 2**bits entries
-    held in registers, bits 3 or 4: $8 the group, then the table (`_register_table`): the low bytes of
-    entries 0-3, 4-7, ... and after them their high bytes; $0-$7 the fp16 centroids of codes 0-7.
-    prmt picks 4 bytes out of 8 by 3-bit selectors, so each code's low 3 bits pick its byte among eight
-    entries (of the upper eight too at 4 bits, where its top bit then picks between the two), and two more
-    prmt interleave low and high bytes into fp16 pairs. Selectors are nibbles, prmt reads the low 16 bits:
-    codes 0-3, then (shifted down) codes 4-7."""
-    ptx = "{\n.reg .b32 s, t, a, b, lo, hi, p, q;\n"
-    if bits == 4:
-        # s: each code's low 3 bits; t: nibble i is i, plus 4 if code i's top bit is set
-        ptx += """and.b32 s, $8, 0x77777777;
-shr.b32 t, $8, 1;
-and.b32 t, t, 0x44444444;
-or.b32 t, t, 0x32103210;
-"""
-        # low (then high) bytes of entries 0-7 in a, of entries 8-15 in b; t picks
-        look = """prmt.b32 a, $9, $10, s;
+# How stage 1 reads the centroids of a code set (`_code_table`; its KLOOKUP, VLOOKUP, ... constexprs):
+# one gather per code, one gather per two codes from a pair table, or no memory access (in registers).
+GATHER, PAIRS, REGISTERS = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
+
+# PTX looking up the eight codes of a group (`load_group_words`) in a fp16 table of 2**bits entries held in
+# registers (`_register_table`): $8 the group, then the low bytes of entries 0-3, 4-7, ... and after them
+# their high bytes; $0-$7 the fp16 centroids of codes 0-7. prmt picks 4 bytes out of 8 by 3-bit
+# selectors, the nibbles of the low 16 bits of its last operand: each code's low 3 bits pick its byte
+# among eight entries (at 4 bits in entries 0-7 and 8-15, then its top bit picks one of the two), and
+# two more prmt interleave low and high bytes into fp16 pairs; codes 0-3 first, then (shifted down) 4-7.
+_LOOK4 = """prmt.b32 a, $9, $10, s;
 prmt.b32 b, $11, $12, s;
 prmt.b32 lo, a, b, t;
 prmt.b32 a, $13, $14, s;
 prmt.b32 b, $15, $16, s;
 prmt.b32 hi, a, b, t;
 """
-    else:
-        # spread the eight 3-bit fields into nibbles: 12-bit halves apart, then 6-bit quarters, then fields
-        ptx += """and.b32 s, $8, 0xFFF;
+_LOOK3 = """prmt.b32 lo, $9, $10, s;
+prmt.b32 hi, $11, $12, s;
+"""
+
+
+def _interleave(first: int) -> str:
+    return f"""prmt.b32 p, lo, hi, 0x5140;
+prmt.b32 q, lo, hi, 0x7362;
+mov.b32 {{${first}, ${first + 1}}}, p;
+mov.b32 {{${first + 2}, ${first + 3}}}, q;
+"""
+
+
+# 4 bits. s: each code's low 3 bits; t: nibble i is i, plus 4 if code i's top bit is set.
+_LOOKUP4_PTX = tl.constexpr("""{
+.reg .b32 s, t, a, b, lo, hi, p, q;
+and.b32 s, $8, 0x77777777;
+shr.b32 t, $8, 1;
+and.b32 t, t, 0x44444444;
+or.b32 t, t, 0x32103210;
+""" + _LOOK4 + _interleave(0) + """shr.b32 s, s, 16;
+shr.b32 t, t, 16;
+""" + _LOOK4 + _interleave(4) + "}")
+# 3 bits. s: the eight 3-bit fields spread into nibbles (12-bit halves apart, then 6-bit quarters, then fields).
+_LOOKUP3_PTX = tl.constexpr("""{
+.reg .b32 s, t, lo, hi, p, q;
+and.b32 s, $8, 0xFFF;
 shl.b32 t, $8, 4;
 and.b32 t, t, 0x0FFF0000;
 or.b32 s, s, t;
@@ -86,34 +106,18 @@ shl.b32 t, s, 1;
 and.b32 s, s, 0x07070707;
 and.b32 t, t, 0x70707070;
 or.b32 s, s, t;
-"""
-        look = """prmt.b32 lo, $9, $10, s;
-prmt.b32 hi, $11, $12, s;
-"""
-    for half in (0, 1):
-        o = 4 * half
-        ptx += "" if half == 0 else "shr.b32 s, s, 16;\n" + ("shr.b32 t, t, 16;\n" if bits == 4 else "")
-        ptx += look + f"""prmt.b32 p, lo, hi, 0x5140;
-prmt.b32 q, lo, hi, 0x7362;
-mov.b32 {{${o}, ${o + 1}}}, p;
-mov.b32 {{${o + 2}, ${o + 3}}}, q;
-"""
-    return ptx + "}"
-
-
-_LOOKUP4_PTX = tl.constexpr(_lookup_ptx(4))
-_LOOKUP3_PTX = tl.constexpr(_lookup_ptx(3))
+""" + _LOOK3 + _interleave(0) + """shr.b32 s, s, 16;
+""" + _LOOK3 + _interleave(4) + "}")
 
 
 @triton.jit
 def _register_rows(base, row_off, row_mask, Table, D: tl.constexpr, BITS: tl.constexpr):
     """fp16 centroids `[BLOCK_N, D]` of whole rows of 3- or 4-bit codes, looked up in registers
-    (`_lookup_ptx`); Table: the int32 words of `_register_table`."""
+    (`_LOOKUP4_PTX`, `_LOOKUP3_PTX`); Table: the int32 words of `_register_table`."""
     word = load_group_words(base, row_off, row_mask, D, BITS)
-    z = tl.zeros_like(word)
-    t0, t1, t2, t3 = z + tl.load(Table), z + tl.load(Table + 1), z + tl.load(Table + 2), z + tl.load(Table + 3)
+    t0, t1, t2, t3 = tl.load(Table), tl.load(Table + 1), tl.load(Table + 2), tl.load(Table + 3)
     if BITS == 4:
-        t4, t5, t6, t7 = z + tl.load(Table + 4), z + tl.load(Table + 5), z + tl.load(Table + 6), z + tl.load(Table + 7)
+        t4, t5, t6, t7 = tl.load(Table + 4), tl.load(Table + 5), tl.load(Table + 6), tl.load(Table + 7)
         c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
             _LOOKUP4_PTX, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r,r,r,r,r", [word, t0, t1, t2, t3, t4, t5, t6, t7],
             dtype=(tl.float16,) * 8, is_pure=True, pack=1)
@@ -128,13 +132,13 @@ def _register_rows(base, row_off, row_mask, Table, D: tl.constexpr, BITS: tl.con
 
 @triton.jit
 def _centroid_rows(base, row_off, row_mask, Table, D: tl.constexpr, BLOCK_D: tl.constexpr, BITS: tl.constexpr,
-                   LUT: tl.constexpr):
-    """The centroids of whole code rows, `[BLOCK_N, BLOCK_D]`, by the lookup `_code_table` chose: LUT 2 looks
-    3- or 4-bit codes up in registers (Table: `_register_table`'s words), LUT 1 gathers two codes' centroids at once
-    from the pair table `[2**(2*BITS), 2]`, LUT 0 gathers each code's from the centroids themselves."""
-    if LUT == 2:
+                   LOOKUP: tl.constexpr):
+    """The centroids of whole code rows, `[BLOCK_N, BLOCK_D]`, read as `_code_table` chose: REGISTERS looks 3- or
+    4-bit codes up in registers (Table: `_register_table`'s words), PAIRS gathers two codes' centroids at once
+    from the pair table `[2**(2*BITS), 2]`, GATHER each code's from the centroids themselves."""
+    if LOOKUP == REGISTERS:
         return _register_rows(base, row_off, row_mask, Table, D, BITS)
-    elif LUT == 1:
+    elif LOOKUP == PAIRS:
         pair = load_pair_indices(base, row_off, row_mask, D, BITS)
         vals = tl.load(Table + pair[:, :, None] * 2 + tl.arange(0, 2)[None, None, :])
         return tl.reshape(vals, (row_off.shape[0], D))
@@ -241,10 +245,10 @@ def _decode_stage1_kernel(
     VBITS2: tl.constexpr,
     KSPLIT: tl.constexpr,
     VSPLIT: tl.constexpr,
-    KLUT: tl.constexpr,  # how TabK is read (`_code_table`'s lookup); likewise the others
-    VLUT: tl.constexpr,
-    KLUT2: tl.constexpr,
-    VLUT2: tl.constexpr,
+    KLOOKUP: tl.constexpr,  # how TabK is read (`_code_table`'s lookup); likewise the others
+    VLOOKUP: tl.constexpr,
+    KLOOKUP2: tl.constexpr,
+    VLOOKUP2: tl.constexpr,
     QJL: tl.constexpr,  # TurboQuant_prod keys: add the QJL estimate of <q, residual> to the scores
 ):
     # (batch, head) bases are 64-bit scalars; per-element offsets inside a plane stay int32.
@@ -285,8 +289,8 @@ def _decode_stage1_kernel(
             for n0 in range(start, end, BLOCK_N):
                 n = n0 + n_off
                 nmask = n < end
-                ka = _centroid_rows(kc_base, n * skct, nmask, TabK, HALF, HALF, KBITS, KLUT)
-                kb = _centroid_rows(kc_base + KSPLIT, n * skct, nmask, TabK2, HALF, HALF, KBITS2, KLUT2)
+                ka = _centroid_rows(kc_base, n * skct, nmask, TabK, HALF, HALF, KBITS, KLOOKUP)
+                kb = _centroid_rows(kc_base + KSPLIT, n * skct, nmask, TabK2, HALF, HALF, KBITS2, KLOOKUP2)
                 s = _dot(ka, qa, DOT_PRECISION) * tl.load(kn_base + n * sknt, mask=nmask, other=0.0)[:, None]
                 s += _dot(kb, qb, DOT_PRECISION) * tl.load(kn_base + n * sknt + 1, mask=nmask, other=0.0)[:, None]
                 keep = nmask
@@ -294,8 +298,8 @@ def _decode_stage1_kernel(
                     keep &= tl.load(mask_base + n * smk, mask=nmask, other=0) != 0
                 s = _finish_scores(s + q_mean[None, :], keep, softcap, HAS_SOFTCAP)
                 m, l, alpha, p = _softmax_update(s, m, l)
-                va = _centroid_rows(vc_base, n * svct, nmask, TabV, HALF, HALF, VBITS, VLUT)
-                vb = _centroid_rows(vc_base + VSPLIT, n * svct, nmask, TabV2, HALF, HALF, VBITS2, VLUT2)
+                va = _centroid_rows(vc_base, n * svct, nmask, TabV, HALF, HALF, VBITS, VLOOKUP)
+                vb = _centroid_rows(vc_base + VSPLIT, n * svct, nmask, TabV2, HALF, HALF, VBITS2, VLOOKUP2)
                 vna = tl.load(vn_base + n * svnt, mask=nmask, other=0.0)
                 vnb = tl.load(vn_base + n * svnt + 1, mask=nmask, other=0.0)
                 acc_a = acc_a * alpha[None, :] + _dot(tl.trans(va), p * vna[:, None], DOT_PRECISION)
@@ -316,7 +320,7 @@ def _decode_stage1_kernel(
             for n0 in range(start, end, BLOCK_N):
                 n = n0 + n_off
                 nmask = n < end
-                kc = _centroid_rows(kc_base, n * skct, nmask, TabK, D, BLOCK_D, KBITS, KLUT)
+                kc = _centroid_rows(kc_base, n * skct, nmask, TabK, D, BLOCK_D, KBITS, KLOOKUP)
                 if D != BLOCK_D:
                     kc = tl.where(dmask[None, :], kc, 0.0)
                 s = _dot(kc, q_rot, DOT_PRECISION)
@@ -333,7 +337,7 @@ def _decode_stage1_kernel(
                     keep &= tl.load(mask_base + n * smk, mask=nmask, other=0) != 0
                 s = _finish_scores(s, keep, softcap, HAS_SOFTCAP)
                 m, l, alpha, p = _softmax_update(s, m, l)
-                v = _centroid_rows(vc_base, n * svct, nmask, TabV, D, BLOCK_D, VBITS, VLUT)
+                v = _centroid_rows(vc_base, n * svct, nmask, TabV, D, BLOCK_D, VBITS, VLOOKUP)
                 if D != BLOCK_D:
                     v = tl.where(dmask[None, :], v, 0.0)
                 vn = tl.load(vn_base + n * svnt, mask=nmask, other=0.0)
@@ -420,25 +424,26 @@ def _decode_stage2_kernel(
                  mask=gmask[:, None] & cmask[None, :])
 
 
-def _paired(bits: int, d: int) -> bool:
-    """Whether rows of `d` codes of `bits` bits are read through a pair table: 2-4 bits (a table of
-    2**(2*bits) pairs stays in L1), whole rows of 32-bit words (`load_pair_indices`)."""
+def _word_rows(bits: int, d: int) -> bool:
+    """Whether rows of `d` codes of `bits` bits are read as whole 32-bit words (`load_group_words`,
+    `load_pair_indices`): 2-4 bits, a power-of-two `d` >= 32, so rows are a multiple of 4 bytes."""
     return 2 <= bits <= 4 and d >= 32 and d & (d - 1) == 0
 
 
-# Device types whose kernels are compiled to PTX (the interpreter cannot run inline PTX);
-# tests/_compile_sm90.py adds "cpu" to compile the register lookup without a GPU.
-_PTX_DEVICES = ("cuda",)
+def _runs_ptx(device: torch.device) -> bool:
+    """Whether kernels on `device` run as compiled PTX, as inline PTX needs: NVIDIA GPUs, outside the
+    interpreter (TRITON_INTERPRET=1) and ROCm. tests/_compile_sm90.py patches it to compile without a GPU."""
+    return device.type == "cuda" and torch.version.hip is None and os.environ.get("TRITON_INTERPRET") != "1"
 
 
 def _register_lookup(bits: int, d: int, dtype: torch.dtype, device: torch.device) -> bool:
     """Whether rows of `d` codes of `bits` bits are looked up in registers (`_register_rows`): 3- and 4-bit
-    rows read whole, fp16 dot operands, compiled code."""
-    return bits in (3, 4) and _paired(bits, d) and dtype == torch.float16 and device.type in _PTX_DEVICES
+    word rows, fp16 dot operands (bf16 models), compiled PTX."""
+    return bits in (3, 4) and _word_rows(bits, d) and dtype == torch.float16 and _runs_ptx(device)
 
 
 def _register_table(cent: torch.Tensor) -> torch.Tensor:
-    """The 2**bits fp16 centroids `cent` as `_lookup_ptx` reads them, int32 `[2**bits // 2]`: the low bytes of
+    """The 2**bits fp16 centroids `cent` as `_register_rows` reads them, int32 `[2**bits // 2]`: the low bytes of
     entries 0-3, 4-7, ... (entry 4w in the lowest byte of word w), then their high bytes."""
     byte = cent.to(torch.float16).view(torch.uint8).view(-1, 2)  # little-endian: low byte first
     return byte.t().contiguous().view(torch.int32).view(-1)
@@ -448,23 +453,22 @@ _TABLES: dict = {}
 
 
 def _code_table(cent: torch.Tensor, bits: int, d: int, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
-    """(table, lookup) that stage 1 reads the centroids `cent` [2**bits] (fp32) of `d`-code rows with
+    """(table, lookup): how stage 1 reads the centroids `cent` [2**bits] (fp32) of `d`-code rows
     (`_centroid_rows`).
-    - lookup 2, where `_register_lookup`: `_register_table(cent)`, looked up in registers,
-      no memory access per code: on an H200, 1.5x faster than the pair table at 4 bits (each at its best
-      launch shape), 1.03x at 3 bits (`kernels/PERF_NOTES.md`).
-    - lookup 1 (`_paired`): the pair table T[P] = (cent[P & (2**bits - 1)], cent[P >> bits]),
-      `[2**(2*bits), 2]` in `dtype`; one gather fetches two codes' centroids: ~35 % fewer instructions
-      per tile than lookup 0, 1.1x (4 bits) and 1.5x (3 bits) faster on an H200.
-    - lookup 0: `cent` itself, one gather per code.
+    - REGISTERS, where `_register_lookup`: `_register_table(cent)`, looked up in registers, no memory access
+      per code: on an H200 1.5x faster than the pair table at 4 bits, 1.03x at 3 bits (`kernels/PERF_NOTES.md`).
+    - PAIRS, other word rows: the pair table T[P] = (cent[P & (2**bits - 1)], cent[P >> bits]),
+      `[2**(2*bits), 2]` in `dtype`; one gather fetches two codes' centroids (1.1x at 4 bits and 1.5x at
+      3 bits faster than GATHER on an H200).
+    - GATHER: `cent` itself, one gather per code.
     Built once per (d, bits, device, dtype): `cent` is the codebook of d-dimensional vectors at `bits`
     (`tq_hf.codec.codebook`), a function of (d, bits) alone, so every layer shares one table."""
-    if not _paired(bits, d):
-        return cent, 0
-    lookup = 2 if _register_lookup(bits, d, dtype, cent.device) else 1
+    if not _word_rows(bits, d):
+        return cent, GATHER.value
+    lookup = REGISTERS.value if _register_lookup(bits, d, dtype, cent.device) else PAIRS.value
     key = (d, bits, cent.device, dtype, lookup)
     if key not in _TABLES:
-        if lookup == 2:
+        if lookup == REGISTERS.value:
             _TABLES[key] = _register_table(cent)
         else:
             p = torch.arange(1 << (2 * bits), device=cent.device)
@@ -508,14 +512,10 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
             accumulation for bf16 (finer than bf16; 2.4x faster than tf32x3 on an H200; values must
             stay within fp16's range, |v| < 65504, as they do in practice).
         block_n: tokens per tile, a power of two >= 32 (16-token tiles gave wrong results on an H200
-            with Triton 3.6). num_warps, num_stages, maxnreg: stage 1's launch options. Defaults, the best
-            measured on an H200 with Triton 3.6 (`kernels/PERF_NOTES.md`): 4-bit keys and values looked up
-            in registers (`_code_table`) take 256-token tiles at D = 128 (128 at D = 64), 4 warps and two
-            stages (592 against 618 us with one stage at 8 x 64K; two stages made every other path slower,
-            up to 3x); split codes looked up in registers 256-token tiles, 4 warps, one stage; other paths
-            128-token tiles, 4 warps, one stage, except pair tables at D = 256 (64 tokens, 8 warps). maxnreg caps the registers per thread; by default 128 for 8 warps at
-            D <= 128, which lets two 8-warp programs share an SM and was 4-10 % faster on an H200 with
-            64-token tiles. Larger D would spill under the cap, so it stays uncapped there.
+            with Triton 3.6). num_warps, num_stages, maxnreg: stage 1's launch options. The defaults
+            depend on how the codes are read (`_code_table`) and are the best measured on an H200
+            (`kernels/PERF_NOTES.md`). maxnreg caps the registers per thread: by default 128 for 8 warps
+            at D <= 128 without register lookups (two 8-warp programs then share an SM).
     Returns:
         `[B, 1, Hq, D]` in query's dtype.
     """
@@ -551,16 +551,21 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
     # With fp16 dot operands the tables hold fp16: the values tl.dot would round the centroids to.
     table_dtype = torch.float16 if precision == "fp16" else torch.float32
     width = D // 2 if split else D  # codes per row of one set
-    tab_k, klut = _code_table(cent_k, kbits, width, table_dtype)
-    tab_v, vlut = _code_table(cent_v, vbits, width, table_dtype)
-    tab_k2, klut2 = _code_table(cent_k2, kbits2, width, table_dtype) if split else (cent_k2, 0)
-    tab_v2, vlut2 = _code_table(cent_v2, vbits2, width, table_dtype) if split else (cent_v2, 0)
-    # Launch shapes measured on an H200 (`kernels/PERF_NOTES.md`): 4-bit keys and values looked up in registers
-    # run best with two stages, split codes looked up in registers with one; both with 256-token tiles at
-    # D = 128. Everything else: 128 tokens, 4 warps, one stage, except pair tables at D = 256 (64 tokens, 8 warps).
-    lut4 = klut == vlut == 2 and kbits == vbits == 4 and not split and BLOCK_D <= 128
-    wide = BLOCK_D == 128 and (lut4 or (split and klut == 2))
-    small = BLOCK_D <= 128 or klut == 2
+    if layer.n_quant:
+        tab_k, klook = _code_table(cent_k, kbits, width, table_dtype)
+        tab_v, vlook = _code_table(cent_v, vbits, width, table_dtype)
+    else:  # only the window: no code is read (and no launch variant compiled for tables)
+        (tab_k, klook), (tab_v, vlook) = (cent_k, GATHER.value), (cent_v, GATHER.value)
+    tab_k2, klook2 = _code_table(cent_k2, kbits2, width, table_dtype) if split else (cent_k2, GATHER.value)
+    tab_v2, vlook2 = _code_table(cent_v2, vbits2, width, table_dtype) if split else (cent_v2, GATHER.value)
+    # Launch shapes measured on an H200 (`kernels/PERF_NOTES.md`). Register lookups: 4-bit keys and values
+    # with two stages and split codes with one, both with 256-token tiles at D = 128 (128 at D = 64 for
+    # 4 bits); 128 tokens otherwise. Pair tables and gathers: 128 tokens, 4 warps, except 64 tokens and 8 warps
+    # at D = 256. Two stages made every other path slower (up to 2.7x).
+    registers = REGISTERS.value in (klook, vlook)
+    lut4 = klook == vlook == REGISTERS.value and kbits == vbits == 4 and not split and BLOCK_D <= 128
+    wide = BLOCK_D == 128 and (lut4 or (split and registers))
+    small = BLOCK_D <= 128 or registers
     if block_n is None:
         block_n = 256 if wide else 128 if small else 64
     if num_warps is None:
@@ -591,7 +596,7 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
     vw = layer.v_win if layer.v_win is not None else kw
     mask_u8 = mask.view(torch.uint8) if mask is not None else kc.view(-1)[:1].view(1, 1)
     BLOCK_G = max(16, next_pow2(G))
-    if maxnreg is None and BLOCK_D <= 128 and num_warps == 8:
+    if maxnreg is None and BLOCK_D <= 128 and num_warps == 8 and not registers:
         maxnreg = 128
     with on_device(query.device):
         _decode_stage1_kernel[(B * Hkv, S + 1)](
@@ -611,7 +616,7 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
             G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D, BLOCK_N=block_n, BLOCK_W=32, BLOCK_K=min(BLOCK_D, 64),
             KBITS=kbits, VBITS=vbits, HAS_MASK=mask is not None, HAS_SOFTCAP=bool(softcap),
             DOT_PRECISION=precision, SPLIT=split, KBITS2=kbits2, VBITS2=vbits2, KSPLIT=ksplit, VSPLIT=vsplit,
-            KLUT=klut, VLUT=vlut, KLUT2=klut2, VLUT2=vlut2, QJL=qjl,
+            KLOOKUP=klook, VLOOKUP=vlook, KLOOKUP2=klook2, VLOOKUP2=vlook2, QJL=qjl,
             num_warps=num_warps, num_stages=num_stages,
             **({"maxnreg": maxnreg} if maxnreg else {}),
         )

@@ -81,7 +81,7 @@ for module, name in ((dec, "_decode_stage1_kernel"), (dec, "_decode_stage2_kerne
 # The cache refuses backend="triton" on CPU tensors outside the interpreter; nothing runs here.
 tq_cache._resolve_backend = lambda backend, device: "triton"
 # Launch what a GPU would: the register lookup's inline PTX compiles here, though the interpreter cannot run it.
-dec._PTX_DEVICES = ("cuda", "cpu")
+dec._runs_ptx = lambda device: True
 
 
 def drive(preset, D=128, dtype=torch.bfloat16, G=4, softcap=None, mask=False, window_only=False, **overrides):
@@ -112,6 +112,8 @@ CASES = [
     {"preset": "4bit", "mask": True, "softcap": 30.0}, {"preset": "3.5bit", "mask": True, "softcap": 30.0},
     {"preset": "3.5bit", "window_only": True},  # split preset before its first flush
     {"preset": "3bit", "D": 96},  # a head dim that is not a power of two: per-code reads
+    {"preset": "4bit", "D": 64}, {"preset": "3.5bit", "D": 64}, {"preset": "2.5bit", "D": 64},  # other launch shapes
+    {"preset": "4bit", "value_bits": 3}, {"preset": "3bit", "dtype": torch.float16},  # mixed lookups; fp32 tables
     {"preset": "4bit", "D": 256}, {"preset": "3.5bit", "D": 256}, {"preset": "4bit", "D": 256, "key_qjl": True},
 ]
 

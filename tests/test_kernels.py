@@ -19,12 +19,14 @@ one bf16 ulp of |out_ref| to the max rule and half of one to the mean rule.
 import math
 import os
 import zlib
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
-from tq_hf import TurboQuantCache
-from tq_hf.cache import in_model_order
+from tq_hf import TurboQuantCache, TurboQuantConfig
+from tq_hf.cache import in_model_order, make_quantizers
 from tq_hf.codec import TurboQuantizer, codebook, pack_codes, unpack_codes
 
 CUDA = torch.cuda.is_available()
@@ -314,8 +316,9 @@ def test_decode_window_only_and_deterministic(request):
 
 
 def test_pair_tables():
-    """The decode kernel gathers 2-4-bit codes two at a time from T[c0 | c1 << bits] = (cent[c0], cent[c1]);
-    other widths and non-power-of-two rows gather the centroids themselves."""
+    """Where the decode kernel does not look codes up in registers (CPU here), it gathers 2-4-bit codes of
+    word rows two at a time from T[c0 | c1 << bits] = (cent[c0], cent[c1]); other widths and non-power-of-two
+    rows gather the centroids themselves."""
     from tq_hf.kernels.decode import _code_table
 
     cent = codebook(128, 3)[0]
@@ -329,24 +332,36 @@ def test_pair_tables():
         assert _code_table(c, bits, d, torch.float32) == (c, 0)
 
 
-def test_register_lookup_dispatch():
-    """Which rows the decode kernel looks up in registers: 3- and 4-bit rows of a power-of-two width >= 32,
-    with fp16 dot operands (bf16 models), in compiled code (CUDA tensors; the interpreter cannot run PTX)."""
-    from tq_hf.kernels.decode import _register_lookup
+def test_register_lookup_dispatch(monkeypatch):
+    """Which rows the decode kernel looks up in registers: 3- and 4-bit rows of a power-of-two width >= 32
+    (whole 32-bit words: rows and split offsets of every preset are multiples of 4 bytes), with fp16 dot
+    operands (bf16 models), where kernels run as compiled PTX (not under the interpreter)."""
+    from tq_hf.kernels import decode as dec
 
     cuda, cpu, f16 = torch.device("cuda"), torch.device("cpu"), torch.float16
-    assert _register_lookup(4, 128, f16, cuda) and _register_lookup(3, 64, f16, cuda)
-    assert _register_lookup(4, 256, f16, cuda)
-    assert not _register_lookup(4, 128, f16, cpu)  # the interpreter
-    assert not _register_lookup(4, 128, torch.float32, cuda)  # fp32 / fp16 models: fp32 tables, gathered
-    assert not any(_register_lookup(b, 128, f16, cuda) for b in (1, 2, 5, 8))
-    assert not _register_lookup(4, 96, f16, cuda) and not _register_lookup(4, 16, f16, cuda)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert dec._runs_ptx(cuda) == (torch.version.hip is None) and not dec._runs_ptx(cpu)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not dec._runs_ptx(cuda)  # interpreted CUDA tensors
+    monkeypatch.setattr(dec, "_runs_ptx", lambda device: True)
+    assert dec._register_lookup(4, 128, f16, cuda) and dec._register_lookup(3, 64, f16, cuda)
+    assert dec._register_lookup(4, 256, f16, cuda) and dec._register_lookup(3, 32, f16, cuda)
+    assert not dec._register_lookup(4, 128, torch.float32, cuda)  # fp32 / fp16 models: fp32 tables, gathered
+    assert not any(dec._register_lookup(b, 128, f16, cuda) for b in (1, 2, 5, 8))
+    assert not dec._register_lookup(4, 96, f16, cuda) and not dec._register_lookup(4, 16, f16, cuda)
+    for preset in ("4bit", "3bit", "2.5bit", "3.5bit"):
+        for d in (64, 128, 256):
+            for qz in make_quantizers(TurboQuantConfig.from_preset(preset), d):
+                bits, bits2, at = qz.code_layout
+                width = d // 2 if at else d
+                assert dec._word_rows(bits, width) and dec._word_rows(bits2, width) and at % 4 == 0
 
 
 def _run_ptx(asm: str, regs: dict) -> dict:
-    """Run `asm`, a block of the PTX instructions and.b32 / or.b32 / shl.b32 / shr.b32 / prmt.b32 (default mode)
-    and `mov.b32 {lo, hi}, r`, on unsigned 32-bit operands `regs` {"$8": ...}; returns every register."""
-    regs = dict(regs)
+    """Run `asm`, a block of the PTX instructions and.b32 / or.b32 / shl.b32 / shr.b32 / prmt.b32 (default
+    mode) and `mov.b32 {lo, hi}, r`, on `regs` {"$8": ...}: unsigned 32-bit values, numbers or NumPy arrays
+    (element-wise). Returns every register."""
+    regs = {r: np.asarray(v, dtype=np.uint64) for r, v in regs.items()}
     for ins in asm.strip().strip("{}").split(";"):
         ins = ins.strip()
         if not ins or ins.startswith(".reg"):
@@ -357,41 +372,105 @@ def _run_ptx(asm: str, regs: dict) -> dict:
             regs[lo], regs[hi] = regs[src] & 0xFFFF, regs[src] >> 16
             continue
         dst, *src = [a.strip() for a in args.split(",")]
-        a, b, *c = [regs[x] if x in regs else int(x, 0) for x in src]
+        a, b, *c = [regs[x] if x in regs else np.uint64(int(x, 0)) for x in src]
         if op == "and.b32":
             regs[dst] = a & b
         elif op == "or.b32":
             regs[dst] = a | b
         elif op == "shl.b32":
-            regs[dst] = a << b & 0xFFFFFFFF
+            regs[dst] = (a << b) & 0xFFFFFFFF
         elif op == "shr.b32":
             regs[dst] = a >> b
         elif op == "prmt.b32":  # byte i of the result = byte (nibble i of c) of the 8 bytes b:a
-            assert all(c[0] >> (4 * i) & 8 == 0 for i in range(4)), "sign-replicating selector"
-            src_bytes = (a | b << 32).to_bytes(8, "little")
-            regs[dst] = int.from_bytes(bytes(src_bytes[c[0] >> (4 * i) & 7] for i in range(4)), "little")
+            sel = [(c[0] >> np.uint64(4 * i)) & 15 for i in range(4)]
+            assert not any(np.any(x & 8) for x in sel), "sign-replicating selector"
+            eight = a | (b << np.uint64(32))
+            regs[dst] = sum(((eight >> (8 * x)) & 0xFF) << np.uint64(8 * i) for i, x in enumerate(sel))
         else:
             raise AssertionError(f"no model of {op}")
     return regs
 
 
+def _fp16(bits) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(bits, dtype=np.uint16).view(np.float16).copy())
+
+
 @pytest.mark.parametrize("dim,bits", [(64, 4), (128, 4), (256, 4), (64, 3), (128, 3), (256, 3)])
 def test_register_lookup_ptx(request, dim, bits):
-    """The register lookup's PTX (`_lookup_ptx`), run by a model of its instructions, turns random groups of
-    eight codes (`load_group_words`: bits above 8 * bits are the next group's) into their fp16 centroids.
-    The interpreter cannot run PTX: on a GPU the decode tests check the compiled kernel against the reference."""
-    from tq_hf.kernels.decode import _lookup_ptx, _register_table
+    """The register lookup's PTX, run by a model of its instructions, turns random groups of eight codes
+    (`load_group_words`: bits above 8 * bits are the next group's) into their fp16 centroids."""
+    from tq_hf.kernels.decode import _LOOKUP3_PTX, _LOOKUP4_PTX, _register_table
 
     _seed(request)
     cent = codebook(dim, bits)[0]
     table = {f"${9 + i}": w & 0xFFFFFFFF for i, w in enumerate(_register_table(cent).tolist())}
-    ptx = _lookup_ptx(bits)
-    for word in torch.randint(0, 2**32, (300,)).tolist() + [0, 2**32 - 1]:
-        regs = _run_ptx(ptx, {"$8": word, **table})
-        got = torch.tensor([regs[f"${i}"] for i in range(8)], dtype=torch.int32).to(torch.int16).view(torch.float16)
-        codes = [word >> (bits * i) & ((1 << bits) - 1) for i in range(8)]
-        assert torch.equal(got, cent.half()[codes]), (hex(word), got, cent.half()[codes])
+    words = torch.randint(0, 2**32, (300,)).tolist() + [0, 2**32 - 1]
+    regs = _run_ptx((_LOOKUP4_PTX if bits == 4 else _LOOKUP3_PTX).value, {"$8": words, **table})
+    got = torch.stack([_fp16(regs[f"${i}"]) for i in range(8)], 1)
+    codes = torch.tensor([[w >> (bits * i) & ((1 << bits) - 1) for i in range(8)] for w in words])
+    assert torch.equal(got, cent.half()[codes])
 
+
+@pytest.mark.skipif(CUDA, reason="on a GPU the decode tests run the compiled PTX")
+@pytest.mark.parametrize("case", [
+    {"key_bits": 4, "value_bits": 4, "D": 128, "T": 600}, {"key_bits": 3, "value_bits": 3, "D": 64},
+    {"key_bits": 4, "value_bits": 3, "D": 128}, {"key_bits": 3, "value_bits": 2, "D": 64},
+    {"key_bits": 4, "value_bits": 4, "D": 64, "key_qjl": True}, {"preset": "3.5bit", "D": 128}, {"preset": "2.5bit", "D": 64},
+], ids=str)
+def test_decode_register_lookup_interpreted(request, monkeypatch, case):
+    """The decode kernel's register-lookup path end to end on the CPU: the interpreter runs the inline PTX
+    through `_run_ptx`, the launcher picks that path and its launch shapes as on a GPU (bf16 models)."""
+    import triton.language as tl
+    import triton.runtime.interpreter as interp
+    from tq_hf.kernels import decode as dec
+
+    calls = []
+
+    def inline_asm(self, asm, constraints, values, types, is_pure, pack):
+        assert pack == 1
+        n_out = constraints.count("=")
+        data = np.broadcast_arrays(*[np.asarray(v.data).astype(np.int64) & 0xFFFFFFFF for v in values])
+        regs = _run_ptx(asm, {f"${n_out + i}": x for i, x in enumerate(data)})
+        calls.append(asm)
+        outs = [interp.TensorHandle(regs[f"${i}"].astype(np.uint16).view(np.float16), tl.float16)
+                for i in range(n_out)]
+        return SimpleNamespace(get_result=outs.__getitem__)
+
+    monkeypatch.setattr(interp.InterpreterBuilder, "create_inline_asm", inline_asm)
+    monkeypatch.setattr(dec, "_runs_ptx", lambda device: True)
+    _seed(request)
+    case = dict(case)
+    D, T = case.pop("D"), case.pop("T", 300)
+    layer = _make_layer(2, 2, D, T, 16, torch.bfloat16, **case)
+    mask = torch.ones(2, layer.get_seq_length(), dtype=torch.bool)
+    mask[1, :5] = False
+    q = torch.randn(2, 8, 1, D, dtype=torch.bfloat16)
+    for num_splits in (None, 2):
+        _check_decode(q, layer, mask, None, num_splits)
+    assert calls  # the register path ran
+
+
+@pytest.mark.skipif(not CUDA, reason="compiled PTX runs on the GPU only")
+@pytest.mark.parametrize("preset", ["4bit", "3bit", "3.5bit", "2.5bit", "k4v3", "qjl"])
+@pytest.mark.parametrize("D", [64, 128, 256])
+def test_decode_register_lookup_matches_pair_tables(request, monkeypatch, preset, D):
+    """bf16 models on the GPU: the register lookup (compiled PTX) against the reference, and bit for bit
+    against the pair tables at the same launch shape (both read the same fp16 centroids)."""
+    from tq_hf.kernels import decode as dec
+
+    _seed(request)
+    opts = ({"key_bits": 4, "value_bits": 3} if preset == "k4v3" else
+            {"key_bits": 4, "value_bits": 4, "key_qjl": True} if preset == "qjl" else {"preset": preset})
+    layer = _make_layer(2, 4, D, 1500, 64, torch.bfloat16, **opts)
+    q = torch.randn(2, 16, 1, D, dtype=torch.bfloat16, device=DEV)
+    mask = torch.ones(2, layer.get_seq_length(), dtype=torch.bool, device=DEV)
+    mask[1, :7] = False
+    fast = _check_decode(q, layer, mask, None, None)
+    shape = {"block_n": 128, "num_warps": 4, "num_stages": 1}
+    regs = decode_attention(q, layer, mask, D**-0.5, **shape)
+    monkeypatch.setattr(dec, "_runs_ptx", lambda device: False)
+    pairs = decode_attention(q, layer, mask, D**-0.5, **shape)
+    assert torch.equal(regs, pairs) and not fast.isnan().any()
 
 
 def test_plan_splits():
