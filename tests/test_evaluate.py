@@ -51,7 +51,19 @@ def test_rows_and_reference(result):
         assert set(r["passkey_by_length"]) == {48}
         ok = r["passkey_retrieved"][48]  # 2 depths x 2 trials, consistent with the accuracy
         assert len(ok) == 4 and all(isinstance(o, bool) for o in ok) and sum(ok) / 4 == r["passkey_by_length"][48]
+        ref_ok = ref["passkey_retrieved"][48]  # prompt by prompt against the reference
+        assert r["passkey_lost"] == sum(a and not b for a, b in zip(ref_ok, ok))
+        assert r["passkey_gained"] == sum(b and not a for a, b in zip(ref_ok, ok))
+        assert r["passkey_p"] == ev.sign_test_p(r["passkey_lost"], r["passkey_gained"])
+    assert (ref["passkey_lost"], ref["passkey_gained"], ref["passkey_p"]) == (0, 0, 1.0)
     assert result["settings"]["scored_tokens"] == 3 * (48 - 1 - 16)
+
+
+def test_sign_test_p():
+    """Exact two-sided sign test: 2 P(X <= min) for X ~ Binomial(lost + gained, 1/2), capped at 1."""
+    assert ev.sign_test_p(0, 0) == 1.0 and ev.sign_test_p(3, 3) == 1.0
+    assert ev.sign_test_p(5, 2) == ev.sign_test_p(2, 5) == 2 * (1 + 7 + 21) / 2**7  # 0.453
+    assert ev.sign_test_p(6, 0) == 2 / 2**6 and ev.sign_test_p(1, 0) == 1.0
 
 
 def test_window_covering_everything_equals_reference(tiny, texts):

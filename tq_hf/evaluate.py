@@ -23,7 +23,11 @@ Protocol (all of it reads the quantized cache, none of it is a prefill over exac
   `passkey = "`. The part of the prompt before the query line is prefilled (and quantized), the query
   is fed token by token, and the answer is decoded greedily. A retrieval counts when the decoded
   text starts with the key. The key is random, so only copying it from the context can get it right
-  (induction); the reference row shows what the model can do with an exact cache.
+  (induction); the reference row shows what the model can do with an exact cache. Prompt by prompt,
+  `passkey_lost` / `passkey_gained` count the prompts a row misses that the reference retrieves and
+  the reverse, and `passkey_p` is the exact two-sided sign-test (McNemar) p-value of that split: a
+  small p says the row retrieves differently from the reference, a large one that the prompts cannot
+  tell them apart.
 
 Every preset runs twice, with and without key mean-centring (`key_mean_centering`), and, for an fp32
 model, `DynamicCache` on a bf16 copy of the model gives the scale of the differences that bf16 alone
@@ -53,11 +57,12 @@ import torch
 from .cache import TurboQuantCache, TurboQuantLayer
 from .config import PRESETS, TurboQuantConfig
 
-__all__ = ["EvalConfig", "default_configs", "evaluate", "format_table", "main", "passkey_prompts", "save_results"]
+__all__ = ["EvalConfig", "default_configs", "evaluate", "format_table", "main", "passkey_prompts", "save_results",
+           "sign_test_p"]
 
 PASSKEY_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 COLUMNS = ("name", "preset", "key_bits", "value_bits", "centring", "qjl", "tq_layers", "ppl", "ppl_delta_pct", "kl", "kl_max",
-           "top1", "passkey", "cache_vs_bf16", "seconds")
+           "top1", "passkey", "passkey_lost", "passkey_gained", "passkey_p", "cache_vs_bf16", "seconds")
 
 
 @dataclasses.dataclass
@@ -297,6 +302,7 @@ def evaluate(model, tokenizer, texts: list[str], presets=None, *, seq_len: int =
                                             for d in passkey_depths}}
 
     ref_ppl = tf[rows[0].name]["ppl"]
+    ref_ok = [o for n in lengths for o in pk[rows[0].name][n]["retrieved"]]
     out_rows = []
     for r in rows:
         m = tf[r.name]
@@ -316,6 +322,12 @@ def evaluate(model, tokenizer, texts: list[str], presets=None, *, seq_len: int =
             # per prompt, in `passkey_prompts` order: which prompts a preset loses or gains against the reference
             "passkey_retrieved": {n: v["retrieved"] for n, v in pk[r.name].items()},
         }
+        if lengths:
+            ok = [o for n in lengths for o in pk[r.name][n]["retrieved"]]
+            lost, gained = sum(a and not b for a, b in zip(ref_ok, ok)), sum(b and not a for a, b in zip(ref_ok, ok))
+            row.update(passkey_lost=lost, passkey_gained=gained, passkey_p=sign_test_p(lost, gained))
+        else:
+            row.update(passkey_lost=None, passkey_gained=None, passkey_p=None)
         out_rows.append(row)
     settings = {
         "texts": len(keep), "seq_len": seq_len, "prefix_len": prefix_len, "scored_tokens": tf[rows[0].name]["scored_tokens"],
@@ -327,6 +339,14 @@ def evaluate(model, tokenizer, texts: list[str], presets=None, *, seq_len: int =
         "date": time.strftime("%Y-%m-%d"),
     }
     return {"rows": out_rows, "settings": settings}
+
+
+def sign_test_p(lost: int, gained: int) -> float:
+    """Exact two-sided sign-test p-value of paired binary outcomes that differ `lost` times one way and
+    `gained` times the other (McNemar's exact test): the probability of a split at least this uneven if
+    either way were equally likely."""
+    n, k = lost + gained, min(lost, gained)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2**n) if n else 1.0
 
 
 def _dtype_name(dtype) -> str:
@@ -344,6 +364,8 @@ def _fmt(v, col):
         return f"{v:.2e}"
     if col in ("top1", "passkey"):
         return f"{100 * v:.1f}%"
+    if col == "passkey_p":
+        return f"{v:.2f}"
     if col == "cache_vs_bf16":
         return f"{v:.3f}"
     if col == "seconds":
