@@ -199,3 +199,19 @@ def test_local_checkpoint_with_fewer_layers(tmp_path):
     assert [r["status"] for r in res["rows"]] == ["ok", "ok"]
     with pytest.raises(ValueError, match="not a folder"):
         bench.bench_generate((16,), (1,), model_path=str(tmp_path / "missing"), device="cpu", progress=False)
+
+
+def test_sdpa_backend_calls_match_sdpa():
+    """The forced-backend SDPA baselines of `bench kernels`: each backend that can run the inputs gives SDPA's
+    result; those that cannot are reported, not timed (on a CPU: flash runs, cuDNN and efficient do not)."""
+    import torch.nn.functional as F
+
+    qs = [torch.randn(2, 8, 1, 64) for _ in range(2)]
+    kvs = [(torch.randn(2, 2, 100, 64), torch.randn(2, 2, 100, 64)) for _ in range(2)]
+    said = []
+    calls = bench.sdpa_backend_calls(qs, kvs, log=said.append)
+    assert "flash" in calls and len(calls) + len(said) == 3
+    for fns in calls.values():
+        for f, q, (k, v) in zip(fns, qs, kvs):
+            torch.testing.assert_close(f(), F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+    assert all("cannot run" in s for s in said)

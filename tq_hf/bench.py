@@ -50,6 +50,7 @@ __all__ = [
     "print_generate",
     "run_generate",
     "run_kernels",
+    "sdpa_backend_calls",
 ]
 
 _ROTATE_BYTES = 512 << 20  # > 10x the H100/H200 L2 (50-60 MB)
@@ -114,12 +115,44 @@ def _tq_layer(cfg, B, Hkv, ctx, D, dtype):
     return layer
 
 
+# SDPA's fused backends, each timed forced beside SDPA's own choice: FlashAttention's decode is the usual
+# baseline, and which backends a shape can use depends on the GPU and the torch build.
+_SDPA_BACKENDS = ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION")
+
+
+def sdpa_backend_calls(qs, kvs, log=print) -> dict:
+    """{"flash" | "cudnn" | "efficient": [calls]}: SDPA decode (enable_gqa) of the query `qs[i]` `[B, Hq, 1, D]`
+    over `kvs[i]` = (K, V) `[B, Hkv, n, D]`, forced to each fused backend that this torch has and that
+    accepts these inputs (tried once; `log` says which could not run and why)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    calls = {}
+    for name in _SDPA_BACKENDS:
+        backend = getattr(SDPBackend, name, None)
+        if backend is None:
+            continue
+
+        def call(q, kv, backend=backend):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, kv[0], kv[1], enable_gqa=True)
+
+        try:
+            call(qs[0], kvs[0])
+        except RuntimeError as e:
+            log(f"SDPA backend {name} cannot run {tuple(qs[0].shape)} x {tuple(kvs[0][0].shape)}: {str(e)[:120]}")
+            continue
+        calls[name.split("_")[0].lower()] = [lambda q=q, kv=kv, call=call: call(q, kv) for q, kv in zip(qs, kvs)]
+    return calls
+
+
 def bench_kernels(batches=(1, 8, 32), contexts=(1024, 4096, 16384, 65536), presets=("4bit", "3bit"),
                   hq=32, hkv=8, d=128, dtype=torch.bfloat16, progress=True) -> list[dict]:
-    """Decode-attention time of each preset vs bf16 SDPA (enable_gqa) on the same shape.
+    """Decode-attention time of each preset vs bf16 SDPA (enable_gqa) on the same shape, SDPA also forced
+    to each fused backend that can run the shape ("bf16 SDPA flash" etc., `sdpa_backend_calls`).
 
     "us" is an eager call (host launch cost included), "kernel_us" the same call replayed from a CUDA
-    graph (device time only); speedup and GB/s use kernel_us. Buffers rotate beyond the L2."""
+    graph (device time only); speedup (against SDPA's own choice) and GB/s use kernel_us. Buffers rotate
+    beyond the L2."""
     from tqdm.auto import tqdm
 
     from .kernels import decode_attention
@@ -139,9 +172,13 @@ def bench_kernels(batches=(1, 8, 32), contexts=(1024, 4096, 16384, 65536), prese
         sdpa = [lambda q=q, kv=kv: F.scaled_dot_product_attention(q, kv[0], kv[1], enable_gqa=True)
                 for q, kv in zip(qs, kvs)]
         t_sdpa, k_sdpa = _median_us(sdpa), _graph_median_us(sdpa)
-        del kvs, sdpa
         rows.append({**env, "system": "bf16 SDPA", "batch": B, "context": ctx, "us": t_sdpa, "kernel_us": k_sdpa,
                      "bytes": dense_bytes, "GBps": dense_bytes / k_sdpa / 1e3, "speedup": 1.0})
+        for name, fns in sdpa_backend_calls(qs, kvs, log=lambda msg: tqdm.write(msg)).items():
+            t, tk = _median_us(fns), _graph_median_us(fns)
+            rows.append({**env, "system": f"bf16 SDPA {name}", "batch": B, "context": ctx, "us": t, "kernel_us": tk,
+                         "bytes": dense_bytes, "GBps": dense_bytes / tk / 1e3, "speedup": k_sdpa / tk})
+        del kvs, sdpa
         for preset in presets:
             cfg = TurboQuantConfig.from_preset(preset)
             layer0 = _tq_layer(cfg, B, hkv, ctx, d, dtype)
