@@ -74,6 +74,7 @@ prmt.b32 hi, $11, $12, s;
 
 
 def _interleave(first: int) -> str:
+    """PTX: the low bytes `lo` and high bytes `hi` of four centroids into fp16 outputs $first..$first+3."""
     return f"""prmt.b32 p, lo, hi, 0x5140;
 prmt.b32 q, lo, hi, 0x7362;
 mov.b32 {{${first}, ${first + 1}}}, p;
