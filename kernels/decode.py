@@ -515,8 +515,9 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
         block_n: tokens per tile, a power of two >= 32 (16-token tiles gave wrong results on an H200
             with Triton 3.6). num_warps, num_stages, maxnreg: stage 1's launch options. The defaults
             depend on how the codes are read (`_code_table`) and are the best measured on an H200
-            (`kernels/PERF_NOTES.md`). maxnreg caps the registers per thread: by default 128 for 8 warps
-            at D <= 128 without register lookups (two 8-warp programs then share an SM).
+            (`kernels/PERF_NOTES.md`). maxnreg caps the registers per thread: by default 128 when the
+            caller asks for 8 warps at D <= 128 without register lookups (two 8-warp programs then
+            share an SM); the default launches are uncapped.
     Returns:
         `[B, 1, Hq, D]` in query's dtype.
     """
