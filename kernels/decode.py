@@ -553,13 +553,14 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
     # With fp16 dot operands the tables hold fp16: the values tl.dot would round the centroids to.
     table_dtype = torch.float16 if precision == "fp16" else torch.float32
     width = D // 2 if split else D  # codes per row of one set
-    if layer.n_quant:
-        tab_k, klook = _code_table(cent_k, kbits, width, table_dtype)
-        tab_v, vlook = _code_table(cent_v, vbits, width, table_dtype)
-    else:  # only the window: no code is read (and no launch variant compiled for tables)
-        (tab_k, klook), (tab_v, vlook) = (cent_k, GATHER.value), (cent_v, GATHER.value)
-    tab_k2, klook2 = _code_table(cent_k2, kbits2, width, table_dtype) if split else (cent_k2, GATHER.value)
-    tab_v2, vlook2 = _code_table(cent_v2, vbits2, width, table_dtype) if split else (cent_v2, GATHER.value)
+
+    def table(cent, bits, read):
+        # a code set the kernel never reads (only the window yet; no second set) takes no table, so no
+        # launch variant is compiled for one
+        return _code_table(cent, bits, width, table_dtype) if read else (cent, GATHER.value)
+
+    (tab_k, klook), (tab_v, vlook) = table(cent_k, kbits, layer.n_quant), table(cent_v, vbits, layer.n_quant)
+    (tab_k2, klook2), (tab_v2, vlook2) = table(cent_k2, kbits2, split), table(cent_v2, vbits2, split)
     # Launch shapes measured on an H200 (`kernels/PERF_NOTES.md`). Register lookups: 4-bit keys and values
     # with two stages and split codes with one, both with 256-token tiles at D = 128 (128 at D = 64 for
     # 4 bits); 128 tokens otherwise. Pair tables and gathers: 128 tokens, 4 warps, except 64 tokens and 8 warps

@@ -174,7 +174,7 @@ def bench_kernels(batches=(1, 8, 32), contexts=(1024, 4096, 16384, 65536), prese
         t_sdpa, k_sdpa = _median_us(sdpa), _graph_median_us(sdpa)
         rows.append({**env, "system": "bf16 SDPA", "batch": B, "context": ctx, "us": t_sdpa, "kernel_us": k_sdpa,
                      "bytes": dense_bytes, "GBps": dense_bytes / k_sdpa / 1e3, "speedup": 1.0})
-        for name, fns in sdpa_backend_calls(qs, kvs, log=lambda msg: tqdm.write(msg)).items():
+        for name, fns in sdpa_backend_calls(qs, kvs, log=tqdm.write).items():
             t, tk = _median_us(fns), _graph_median_us(fns)
             rows.append({**env, "system": f"bf16 SDPA {name}", "batch": B, "context": ctx, "us": t, "kernel_us": tk,
                          "bytes": dense_bytes, "GBps": dense_bytes / tk / 1e3, "speedup": k_sdpa / tk})
