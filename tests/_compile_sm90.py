@@ -84,9 +84,10 @@ tq_cache._resolve_backend = lambda backend, device: "triton"
 dec._runs_ptx = lambda device: True
 
 
-def drive(preset, D=128, dtype=torch.bfloat16, G=4, softcap=None, mask=False, window_only=False, **overrides):
-    """Every launch one layer makes: quantize on update (prefill, then a flush), decode attention,
-    dequantization of the history."""
+def drive(preset, D=128, dtype=torch.bfloat16, G=4, softcap=None, mask=False, window_only=False, launch=None,
+          **overrides):
+    """Every launch one layer makes: quantize on update (prefill, then a flush), decode attention (with the
+    `launch` options of `decode_attention`, if given), dequantization of the history."""
     torch.manual_seed(0)
     B, H = 2, 2
     cfg = TurboQuantConfig.from_preset(preset, **overrides).replace(backend="triton")
@@ -98,7 +99,7 @@ def drive(preset, D=128, dtype=torch.bfloat16, G=4, softcap=None, mask=False, wi
     total = layer.get_seq_length()
     q = torch.randn(B, H * G, 1, D, dtype=dtype)
     m = torch.ones(B, total, dtype=torch.bool) if mask else None
-    dec.decode_attention(q, layer, m, D**-0.5, softcap)
+    dec.decode_attention(q, layer, m, D**-0.5, softcap, **(launch or {}))
     layer.dequantize_range(0, total)
 
 
@@ -115,6 +116,8 @@ CASES = [
     {"preset": "4bit", "D": 64}, {"preset": "3.5bit", "D": 64}, {"preset": "2.5bit", "D": 64},  # other launch shapes
     {"preset": "4bit", "value_bits": 3}, {"preset": "3bit", "dtype": torch.float16},  # mixed lookups; fp32 tables
     {"preset": "4bit", "D": 256}, {"preset": "3.5bit", "D": 256}, {"preset": "4bit", "D": 256, "key_qjl": True},
+    # the launch decode_attention picks for 4-bit codes over long contexts (many more positions than here)
+    {"preset": "4bit", "launch": {"block_n": 128, "num_warps": 8, "num_stages": 3}},
 ]
 
 
