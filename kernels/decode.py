@@ -55,9 +55,9 @@ def _dot(a, b, PRECISION: tl.constexpr):
 # one gather per code, one gather per two codes from a pair table, or no memory access (in registers).
 GATHER, PAIRS, REGISTERS = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
-# PTX looking up the eight codes of a group (`load_group_words`) in a fp16 table of 2**bits entries held in
-# registers (`_register_table`): $8 the group, then the low bytes of entries 0-3, 4-7, ... and after them
-# their high bytes; $0-$7 the fp16 centroids of codes 0-7. prmt picks 4 bytes out of 8 by 3-bit
+# PTX looking up the eight codes of a group (`load_group_words`: code j in bits 4j..4j+bits-1) in a fp16 table
+# of 2**bits entries held in registers (`_register_table`): $8 the group, then the low bytes of entries 0-3,
+# 4-7, ... and after them their high bytes; $0-$7 the fp16 centroids of codes 0-7. prmt picks 4 bytes out of 8 by 3-bit
 # selectors, the nibbles of the low 16 bits of its last operand: each code's low 3 bits pick its byte
 # among eight entries (at 4 bits in entries 0-7 and 8-15, then its top bit picks one of the two), and
 # two more prmt interleave low and high bytes into fp16 pairs; codes 0-3 first, then (shifted down) 4-7.
@@ -92,21 +92,10 @@ or.b32 t, t, 0x32103210;
 """ + _LOOK4 + _interleave(0) + """shr.b32 s, s, 16;
 shr.b32 t, t, 16;
 """ + _LOOK4 + _interleave(4) + "}")
-# 3 bits. s: the eight 3-bit fields spread into nibbles (12-bit halves apart, then 6-bit quarters, then fields).
+# 3 bits (codes in nibbles, as `load_group_words` gives them). s: each code's 3 bits.
 _LOOKUP3_PTX = tl.constexpr("""{
-.reg .b32 s, t, lo, hi, p, q;
-and.b32 s, $8, 0xFFF;
-shl.b32 t, $8, 4;
-and.b32 t, t, 0x0FFF0000;
-or.b32 s, s, t;
-shl.b32 t, s, 2;
-and.b32 s, s, 0x003F003F;
-and.b32 t, t, 0x3F003F00;
-or.b32 s, s, t;
-shl.b32 t, s, 1;
-and.b32 s, s, 0x07070707;
-and.b32 t, t, 0x70707070;
-or.b32 s, s, t;
+.reg .b32 s, lo, hi, p, q;
+and.b32 s, $8, 0x77777777;
 """ + _LOOK3 + _interleave(0) + """shr.b32 s, s, 16;
 """ + _LOOK3 + _interleave(4) + "}")
 
@@ -458,9 +447,9 @@ def _code_table(cent: torch.Tensor, bits: int, d: int, dtype: torch.dtype) -> tu
     (`_centroid_rows`).
     - REGISTERS, where `_register_lookup`: `_register_table(cent)`, looked up in registers, no memory access
       per code: on an H200 1.5x faster than the pair table at 4 bits, 1.03x at 3 bits (`kernels/PERF_NOTES.md`).
-    - PAIRS, other word rows: the pair table T[P] = (cent[P & (2**bits - 1)], cent[P >> bits]),
-      `[2**(2*bits), 2]` in `dtype`; one gather fetches two codes' centroids (1.1x at 4 bits and 1.5x at
-      3 bits faster than GATHER on an H200).
+    - PAIRS, other word rows: the pair table T[P] = (cent[c0], cent[c1]) for the pair index P = c0 | c1 << s
+      of `load_pair_indices` (s = 4 at 3 and 4 bits, 2 at 2 bits), `[2**(s + bits), 2]` in `dtype`; one gather
+      fetches two codes' centroids (1.1x at 4 bits and 1.5x at 3 bits faster than GATHER on an H200).
     - GATHER: `cent` itself, one gather per code.
     Built once per (d, bits, device, dtype): `cent` is the codebook of d-dimensional vectors at `bits`
     (`tq_hf.codec.codebook`), a function of (d, bits) alone, so every layer shares one table."""
@@ -472,8 +461,9 @@ def _code_table(cent: torch.Tensor, bits: int, d: int, dtype: torch.dtype) -> tu
         if lookup == REGISTERS.value:
             _TABLES[key] = _register_table(cent)
         else:
-            p = torch.arange(1 << (2 * bits), device=cent.device)
-            _TABLES[key] = torch.stack([cent[p & ((1 << bits) - 1)], cent[p >> bits]], -1).to(dtype).contiguous()
+            step, m = (4 if bits > 2 else 2), (1 << bits) - 1
+            p = torch.arange(1 << (step + bits), device=cent.device)
+            _TABLES[key] = torch.stack([cent[p & m], cent[(p >> step) & m]], -1).to(dtype).contiguous()
     return _TABLES[key], lookup
 
 

@@ -130,7 +130,7 @@ def test_quantize_zero_vector():
 
 # ---------------------------------------------------------------- dequantize
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("dim,bits", [(64, 2), (80, 4), (128, 3)])
+@pytest.mark.parametrize("dim,bits", [(64, 2), (80, 4), (128, 3), (80, 3)])
 def test_dequantize_matches_reference(request, dtype, dim, bits):
     _seed(request)
     B, H, cap, start, T = 2, 2, 40, 7, 23
@@ -317,16 +317,17 @@ def test_decode_window_only_and_deterministic(request):
 
 def test_pair_tables():
     """Where the decode kernel does not look codes up in registers (CPU here), it gathers 2-4-bit codes of
-    word rows two at a time from T[c0 | c1 << bits] = (cent[c0], cent[c1]); other widths and non-power-of-two
-    rows gather the centroids themselves."""
+    word rows two at a time from T[c0 | c1 << s] = (cent[c0], cent[c1]) (s = 4 at 3 and 4 bits, the nibbles of
+    `load_group_words`; 2 at 2 bits); other widths and non-power-of-two rows gather the centroids themselves."""
     from tq_hf.kernels.decode import _code_table
 
-    cent = codebook(128, 3)[0]
-    table, lookup = _code_table(cent, 3, 128, torch.float16)
-    assert lookup == 1 and table.shape == (64, 2) and table.dtype == torch.float16
-    c0, c1 = torch.randint(0, 8, (2, 100))
-    assert torch.equal(table[c0 | c1 << 3], torch.stack([cent[c0], cent[c1]], -1).half())
-    assert _code_table(cent, 3, 128, torch.float16)[0] is table  # built once
+    for bits, step in ((3, 4), (4, 4), (2, 2)):
+        cent = codebook(128, bits)[0]
+        table, lookup = _code_table(cent, bits, 128, torch.float16)
+        assert lookup == 1 and table.shape == (1 << (step + bits), 2) and table.dtype == torch.float16
+        c0, c1 = torch.randint(0, 1 << bits, (2, 100))
+        assert torch.equal(table[c0 | c1 << step], torch.stack([cent[c0], cent[c1]], -1).half())
+        assert _code_table(cent, bits, 128, torch.float16)[0] is table  # built once
     for bits, d in ((1, 128), (8, 128), (3, 80), (4, 16)):
         c = torch.randn(1 << bits)
         assert _code_table(c, bits, d, torch.float32) == (c, 0)
@@ -398,7 +399,8 @@ def _fp16(bits) -> torch.Tensor:
 @pytest.mark.parametrize("dim,bits", [(64, 4), (128, 4), (256, 4), (64, 3), (128, 3), (256, 3)])
 def test_register_lookup_ptx(request, dim, bits):
     """The register lookup's PTX, run by a model of its instructions, turns random groups of eight codes
-    (`load_group_words`: bits above 8 * bits are the next group's) into their fp16 centroids."""
+    (`load_group_words`: code j in bits 4j..4j+bits-1; at 3 bits the bits 4j+3 belong to another group)
+    into their fp16 centroids."""
     from tq_hf.kernels.decode import _LOOKUP3_PTX, _LOOKUP4_PTX, _register_table
 
     _seed(request)
@@ -407,7 +409,7 @@ def test_register_lookup_ptx(request, dim, bits):
     words = torch.randint(0, 2**32, (300,)).tolist() + [0, 2**32 - 1]
     regs = _run_ptx((_LOOKUP4_PTX if bits == 4 else _LOOKUP3_PTX).value, {"$8": words, **table})
     got = torch.stack([_fp16(regs[f"${i}"]) for i in range(8)], 1)
-    codes = torch.tensor([[w >> (bits * i) & ((1 << bits) - 1) for i in range(8)] for w in words])
+    codes = torch.tensor([[w >> (4 * i) & ((1 << bits) - 1) for i in range(8)] for w in words])
     assert torch.equal(got, cent.half()[codes])
 
 

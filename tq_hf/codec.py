@@ -7,7 +7,12 @@ A vector x of dimension d is stored as b-bit indices into a Lloyd-Max codebook p
     x^  = n * Pi^T c[idx]                    n = ||x||  (or ||x|| / ||c[idx]|| with norm correction)
 
 Codes are a little-endian bit stream per vector: code i occupies bits [i*b, i*b + b) of its row,
-so a row is exactly d*b/8 bytes (3 bits cost 3 bits).
+so a row is exactly d*b/8 bytes (3 bits cost 3 bits). At 3 bits the first 32 * (d // 32) codes are
+stored in units of 32 codes (three 32-bit words) instead: code 8w + j of a unit (w < 3) is bits
+[4j, 4j + 3) of word w, and bit k of code 24 + j is bit 4j + 3 of word k; after the units come the
+remaining codes as a plain 3-bit stream. A word then holds eight codes in nibbles, the form the decode
+kernel's byte-permute lookup needs, and the fourth group is put together from the words' spare bits
+with a few shifts (`pack_codes`, `_bit_order`).
 
 `TurboQuantizer(..., mode="prod")` is the paper's TurboQuant_prod, offered as a reference *estimator*
 of inner products: (b-1)-bit mse codes plus a 1-bit QJL sign sketch of the residual,
@@ -134,21 +139,45 @@ def packed_row_bytes(dim: int, bits: int) -> int:
     return dim * bits // 8
 
 
+@functools.lru_cache(maxsize=None)
+def _bit_order(dim: int, bits: int) -> torch.Tensor | None:
+    """Where each stored bit of a row comes from: `order[p]` is the index (bits * i + k: bit k of code i)
+    of the bit stored at row bit p, or None where rows are the plain bit stream (every width but 3).
+    At 3 bits, units of 32 codes: code 8w + j (w < 3) at bits 32w + 4j + (0..2) of the unit, bit k of
+    code 24 + j at bit 32k + 4j + 3 (module docstring)."""
+    if bits != 3 or dim < 32:
+        return None
+    order = torch.arange(dim * 3)
+    for u in range(dim // 32):
+        for i in range(32):
+            for k in range(3):
+                w, j = divmod(i, 8)
+                pos = 32 * w + 4 * j + k if w < 3 else 32 * k + 4 * j + 3
+                order[96 * u + pos] = 3 * (32 * u + i) + k
+    return order
+
+
 def pack_codes(idx: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack integer codes `[..., d]` (values < 2**bits) into a uint8 bit stream `[..., d*bits/8]`."""
+    """Pack integer codes `[..., d]` (values < 2**bits) into uint8 rows `[..., d*bits/8]` (the bit stream;
+    3-bit codes in units of 32, module docstring)."""
     d = idx.shape[-1]
     shifts = torch.arange(bits, device=idx.device)
-    stream = ((idx.to(torch.int32).unsqueeze(-1) >> shifts) & 1).reshape(*idx.shape[:-1], d * bits // 8, 8)
+    stream = ((idx.to(torch.int32).unsqueeze(-1) >> shifts) & 1).reshape(*idx.shape[:-1], d * bits)
+    order = _bit_order(d, bits)
+    if order is not None:
+        stream = stream[..., order.to(idx.device)]
     weights = torch.tensor([1 << i for i in range(8)], dtype=torch.int32, device=idx.device)
-    return (stream.to(torch.int32) * weights).sum(-1).to(torch.uint8)
+    return (stream.reshape(*idx.shape[:-1], d * bits // 8, 8) * weights).sum(-1).to(torch.uint8)
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """Inverse of `pack_codes`: uint8 `[..., dim*bits/8]` -> int64 codes `[..., dim]`."""
     shifts = torch.arange(8, device=packed.device)
-    stream = ((packed.to(torch.int32).unsqueeze(-1) >> shifts) & 1).reshape(*packed.shape[:-1], dim, bits)
+    stored = ((packed.to(torch.int32).unsqueeze(-1) >> shifts) & 1).reshape(*packed.shape[:-1], dim * bits)
+    order = _bit_order(dim, bits)
+    stream = stored if order is None else torch.empty_like(stored).index_copy_(-1, order.to(packed.device), stored)
     weights = torch.tensor([1 << i for i in range(bits)], dtype=torch.int32, device=packed.device)
-    return (stream * weights).sum(-1).long()
+    return (stream.reshape(*packed.shape[:-1], dim, bits) * weights).sum(-1).long()
 
 
 class TurboQuantizer:
