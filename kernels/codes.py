@@ -25,8 +25,8 @@ def load_codes(
     coalesce and each byte comes from DRAM once (re-reads of a byte hit L1). Offsets stay int32:
     a tile of 64-bit pointers would not fit in registers."""
     bit = d * BITS  # where the code (its bit 0) starts in the row
-    if BITS == 3:
-        UNITS: tl.constexpr = D // 32
+    UNITS: tl.constexpr = D // 32 if BITS == 3 else 0  # 3-bit units of 32 codes
+    if UNITS > 0:
         r = d % 32
         in_unit = d < 32 * UNITS
         bit = tl.where(in_unit, (d // 32) * 96 + tl.where(r < 24, 32 * (r // 8) + 4 * (r % 8), 4 * (r - 24) + 3), bit)
@@ -40,14 +40,13 @@ def load_codes(
         hi = tl.load(base + off + 1, mask=mask & (byte[None, :] + 1 < ROW_BYTES), other=0).to(tl.int32)
         val = val | (hi << 8)
     code = (val >> (bit & 7)[None, :]) & ((1 << BITS) - 1)
-    if BITS == 3:
-        if UNITS > 0:
-            # codes 24..31 of a unit: bit k is in word k of the unit, 4k bytes after bit 0's byte
-            spread = (in_unit & (r >= 24))[None, :]
-            sh = (bit & 7)[None, :]
-            b1 = tl.load(base + off + 4, mask=mask & spread, other=0).to(tl.int32)
-            b2 = tl.load(base + off + 8, mask=mask & spread, other=0).to(tl.int32)
-            code = tl.where(spread, ((val >> sh) & 1) | (((b1 >> sh) & 1) << 1) | (((b2 >> sh) & 1) << 2), code)
+    if UNITS > 0:
+        # codes 24..31 of a unit: bit k is in word k of the unit, 4k bytes after bit 0's byte
+        spread = (in_unit & (r >= 24))[None, :]
+        sh = (bit & 7)[None, :]
+        b1 = tl.load(base + off + 4, mask=mask & spread, other=0).to(tl.int32)
+        b2 = tl.load(base + off + 8, mask=mask & spread, other=0).to(tl.int32)
+        code = tl.where(spread, ((val >> sh) & 1) | (((b1 >> sh) & 1) << 1) | (((b2 >> sh) & 1) << 2), code)
     return code
 
 

@@ -552,13 +552,14 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
     (tab_k, klook), (tab_v, vlook) = table(cent_k, kbits, layer.n_quant), table(cent_v, vbits, layer.n_quant)
     (tab_k2, klook2), (tab_v2, vlook2) = table(cent_k2, kbits2, split), table(cent_v2, vbits2, split)
     # Launch shapes measured on an H200 (`kernels/PERF_NOTES.md`). Register lookups at D = 128: 256-token tiles,
-    # 4 warps, two stages for 4-bit keys and values, one otherwise; 4-bit keys and values over at least 2**19
-    # quantized (batch row, kv head) positions: 128-token tiles, 8 warps, three stages (1.03-1.08x faster
-    # there, slower below). D = 64 with 4 bits: 128-token tiles, two stages. Otherwise 128 tokens, 4 warps, one
-    # stage, except 64 tokens and 8 warps for pair tables and gathers at D = 256. More stages made every other
-    # path slower (up to 2.7x).
+    # 4 warps, two stages where keys and values are both looked up in registers (4bit, 3bit, k4v3), one for split
+    # codes and QJL keys; 4-bit keys and values over at least 2**19 quantized (batch row, kv head) positions:
+    # 128-token tiles, 8 warps, three stages (1.03-1.08x faster there, slower below). D = 64 with 4 bits:
+    # 128-token tiles, two stages. Otherwise 128 tokens, 4 warps, one stage, except 64 tokens and 8 warps for
+    # pair tables and gathers at D = 256. More stages made every other path slower (up to 2.7x).
     registers = REGISTERS.value in (klook, vlook)
-    lut4 = klook == vlook == REGISTERS.value and kbits == vbits == 4 and not split and BLOCK_D <= 128
+    both = klook == vlook == REGISTERS.value and not split and not layer.config.key_qjl
+    lut4 = both and kbits == vbits == 4 and BLOCK_D <= 128
     deep = lut4 and BLOCK_D == 128 and B * Hkv * layer.n_quant >= 1 << 19
     wide = BLOCK_D == 128 and registers and not deep
     small = BLOCK_D <= 128 or registers
@@ -567,7 +568,7 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
     if num_warps is None:
         num_warps = 8 if deep else 4 if small else 8
     if num_stages is None:
-        num_stages = 3 if deep else 2 if lut4 else 1
+        num_stages = 3 if deep else 2 if lut4 or (wide and both) else 1
     if block_n < 32 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two >= 32, got {block_n}")
     S, chunk = plan_splits(layer.n_quant, B * Hkv, _num_sms(query.device), block_n, num_splits)

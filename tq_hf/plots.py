@@ -274,29 +274,40 @@ def _by_system_batch(rows):
     return systems, batches
 
 
+def _kernel_systems(rows):
+    """`bench_kernels` rows without those of SDPA forced to one backend (`bf16 SDPA flash`, ...): SDPA's own
+    choice is the baseline. Returns (rows, systems, batches, style): `style(system)` is solid for SDPA and
+    one of four other line styles per TurboQuant preset."""
+    rows = [r for r in rows if "SDPA" not in r["system"] or r["system"] == "bf16 SDPA"]
+    systems, batches = _by_system_batch(rows)
+    tq_styles = ["--", "-.", ":", (0, (5, 1, 1, 1, 1, 1))]
+    tq = [x for x in systems if "SDPA" not in x]
+    return rows, systems, batches, lambda x: "-" if "SDPA" in x else tq_styles[tq.index(x) % len(tq_styles)]
+
+
 def plot_kernel_bench(rows: list[dict], source: str = ""):
     """Decode-attention kernel benchmark (`tq_hf.bench.bench_kernels` rows): latency per call against
-    context length per batch size, and speed relative to bf16 SDPA (above 1 = faster than bf16)."""
+    context length per batch size, and speed relative to bf16 SDPA (above 1 = faster than bf16); SDPA
+    forced to one backend is left out (`_kernel_systems`)."""
     plt = _plt()
-    systems, batches = _by_system_batch(rows)
+    rows, systems, batches, style = _kernel_systems(rows)
     fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.6))
-    styles = ["-", "--", "-.", ":"]
     for bi, B in enumerate(batches):
-        for si, system in enumerate(systems):
+        for system in systems:
             sel = sorted((r for r in rows if r["batch"] == B and r["system"] == system), key=lambda r: r["context"])
             if not sel:
                 continue
             xs = [r["context"] for r in sel]
-            a.plot(xs, [r["us"] for r in sel], styles[si % 4], marker="o", ms=4, color=f"C{bi}",
+            a.plot(xs, [r["us"] for r in sel], linestyle=style(system), marker="o", ms=4, color=f"C{bi}",
                    label=f"{system}, batch {B}")
             if "SDPA" not in system:
-                b.plot(xs, [r["speedup"] for r in sel], styles[si % 4], marker="o", ms=5, color=f"C{bi}",
+                b.plot(xs, [r["speedup"] for r in sel], linestyle=style(system), marker="o", ms=5, color=f"C{bi}",
                        label=f"{system}, batch {B}")
     _token_ticks(a, [r["context"] for r in rows])
     a.set_yscale("log")
     a.set_xlabel("context length (tokens)")
     a.set_ylabel("time per decode-attention call (µs, median)")
-    a.set_title("Latency: solid = bf16 SDPA, dashed = TurboQuant kernel")
+    a.set_title("Latency: solid = bf16 SDPA, other styles = TurboQuant presets")
     a.legend(fontsize=7.5, ncol=2)
     b.axhline(1.0, color="k", lw=1.2, ls="--", label="bf16 SDPA (break-even)")
     _token_ticks(b, [r["context"] for r in rows])
@@ -316,24 +327,24 @@ def plot_kernel_bench(rows: list[dict], source: str = ""):
 
 def plot_kernel_bandwidth(rows: list[dict], copy_gbps: float | None = None, source: str = ""):
     """Effective bandwidth (bytes each side must read / time) per system and batch against context
-    length, with the measured device copy bandwidth `copy_gbps` (GB/s) as a ceiling if given."""
+    length, with the measured device copy bandwidth `copy_gbps` (GB/s) as a ceiling if given; SDPA forced to one
+    backend is left out (`_kernel_systems`)."""
     plt = _plt()
-    systems, batches = _by_system_batch(rows)
+    rows, systems, batches, style = _kernel_systems(rows)
     fig, ax = plt.subplots(figsize=(8, 4.6))
-    styles = ["-", "--", "-.", ":"]
     for bi, B in enumerate(batches):
-        for si, system in enumerate(systems):
+        for system in systems:
             sel = sorted((r for r in rows if r["batch"] == B and r["system"] == system), key=lambda r: r["context"])
             if sel:
-                ax.plot([r["context"] for r in sel], [r["GBps"] for r in sel], styles[si % 4], marker="o", ms=4,
-                        color=f"C{bi}", label=f"{system}, batch {B}")
+                ax.plot([r["context"] for r in sel], [r["GBps"] for r in sel], linestyle=style(system), marker="o",
+                        ms=4, color=f"C{bi}", label=f"{system}, batch {B}")
     if copy_gbps:
         ax.axhline(copy_gbps, color="k", lw=1.2, ls=":", label=f"measured copy bandwidth ({copy_gbps / 1000:.1f} TB/s)")
     _token_ticks(ax, [r["context"] for r in rows])
     ax.set_yscale("log")
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("effective bandwidth (GB/s of K/V bytes read)")
-    ax.set_title("Effective bandwidth of decode attention: solid = bf16 SDPA, dashed = TurboQuant kernel\n"
+    ax.set_title("Effective bandwidth of decode attention: solid = bf16 SDPA, other styles = TurboQuant presets\n"
                  + _env_line(rows) + (f"  [{source}]" if source else ""), fontsize=9.5)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7.5, ncol=2)
