@@ -118,7 +118,9 @@ def load_code_groups(base, row_off, row_mask, D: tl.constexpr, BITS: tl.constexp
     """Whole rows of codes `[BLOCK_N, D]` int32 for BITS <= 4 (D a multiple of 8). 4 bits, and 3 bits at
     D >= 32 (D a power of two, so whole 3-bit units): the groups of `load_group_words`, code 8g + j in bits
     [4j, 4j + BITS) of word g. Otherwise code 8g + j is bits [j*BITS, (j+1)*BITS) of the little-endian
-    word made of bytes [g*BITS, (g+1)*BITS), BITS byte loads per group."""
+    word made of bytes [g*BITS, (g+1)*BITS), BITS byte loads per group. The word reads need `base` and the
+    rows 4-byte aligned, as `load_group_words` says."""
+    tl.static_assert((BITS != 3) or (D < 32) or (D % 32 == 0), "3-bit rows of whole units only")
     NG: tl.constexpr = D // 8
     j = tl.arange(0, 8)
     if (BITS == 4) or ((BITS == 3) and (D >= 32)):

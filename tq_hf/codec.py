@@ -140,11 +140,11 @@ def packed_row_bytes(dim: int, bits: int) -> int:
 
 
 @functools.cache
-def _bit_order(dim: int, bits: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(order, inverse), or None where rows are the plain bit stream (every width but 3): `order[p]` is the
-    stream index (bits * i + k: bit k of code i) of the bit stored at row bit p, `inverse` the other way.
-    At 3 bits, units of 32 codes: code 8w + j (w < 3) at bits 32w + 4j + (0..2) of the unit, bit k of
-    code 24 + j at bit 32k + 4j + 3 (module docstring)."""
+def _bit_order(dim: int, bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(order, inverse) on `device`, or None where rows are the plain bit stream (every width but 3):
+    `order[p]` is the stream index (bits * i + k: bit k of code i) of the bit stored at row bit p, `inverse`
+    the other way. At 3 bits, units of 32 codes: code 8w + j (w < 3) at bits 32w + 4j + (0..2) of the unit,
+    bit k of code 24 + j at bit 32k + 4j + 3 (module docstring)."""
     if bits != 3 or dim < 32:
         return None
     order = torch.arange(dim * 3)
@@ -154,7 +154,7 @@ def _bit_order(dim: int, bits: int) -> tuple[torch.Tensor, torch.Tensor] | None:
                 w, j = divmod(i, 8)
                 pos = 32 * w + 4 * j + k if w < 3 else 32 * k + 4 * j + 3
                 order[96 * u + pos] = 3 * (32 * u + i) + k
-    return order, torch.argsort(order)
+    return order.to(device), torch.argsort(order).to(device)
 
 
 def pack_codes(idx: torch.Tensor, bits: int) -> torch.Tensor:
@@ -163,9 +163,9 @@ def pack_codes(idx: torch.Tensor, bits: int) -> torch.Tensor:
     d = idx.shape[-1]
     shifts = torch.arange(bits, device=idx.device)
     stream = ((idx.to(torch.int32).unsqueeze(-1) >> shifts) & 1).reshape(*idx.shape[:-1], d * bits)
-    perm = _bit_order(d, bits)
+    perm = _bit_order(d, bits, idx.device)
     if perm is not None:
-        stream = stream[..., perm[0].to(idx.device)]
+        stream = stream[..., perm[0]]
     weights = torch.tensor([1 << i for i in range(8)], dtype=torch.int32, device=idx.device)
     return (stream.reshape(*idx.shape[:-1], d * bits // 8, 8) * weights).sum(-1).to(torch.uint8)
 
@@ -174,8 +174,8 @@ def unpack_codes(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """Inverse of `pack_codes`: uint8 `[..., dim*bits/8]` -> int64 codes `[..., dim]`."""
     shifts = torch.arange(8, device=packed.device)
     stored = ((packed.to(torch.int32).unsqueeze(-1) >> shifts) & 1).reshape(*packed.shape[:-1], dim * bits)
-    perm = _bit_order(dim, bits)
-    stream = stored if perm is None else stored[..., perm[1].to(packed.device)]
+    perm = _bit_order(dim, bits, packed.device)
+    stream = stored if perm is None else stored[..., perm[1]]
     weights = torch.tensor([1 << i for i in range(bits)], dtype=torch.int32, device=packed.device)
     return (stream.reshape(*packed.shape[:-1], dim, bits) * weights).sum(-1).long()
 
