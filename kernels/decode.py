@@ -489,6 +489,29 @@ def plan_splits(n_quant: int, programs_per_split: int, num_sms: int, block_n: in
     return -(-n_quant // chunk), chunk
 
 
+def _launch_shape(klook: int, vlook: int, kbits: int, vbits: int, split: bool, qjl: bool, block_d: int,
+                  positions: int) -> tuple[int, int, int]:
+    """(block_n, num_warps, num_stages): stage 1's default launch, the best measured on an H200
+    (`kernels/PERF_NOTES.md`), from how the key / value codes are read (`_code_table`'s lookups), their bits,
+    split codes, QJL keys, BLOCK_D and the quantized positions over all (batch row, kv head) pairs.
+    - Register lookups at D = 128: 256-token tiles, 4 warps; two stages where keys and values are both looked
+      up in registers (4bit, 3bit, k4v3), one for split codes and QJL keys. 4-bit keys and values over at
+      least 2**19 positions: 128-token tiles, 8 warps, three stages (1.03-1.08x faster there, slower below).
+    - D = 64 with 4 bits: 128-token tiles, two stages.
+    - Otherwise 128 tokens, 4 warps, one stage, except 64 tokens and 8 warps for pair tables and gathers at
+      D = 256. More stages made every other path slower (up to 2.7x)."""
+    registers = REGISTERS.value in (klook, vlook)
+    both = klook == vlook == REGISTERS.value and not split and not qjl
+    lut4 = both and kbits == vbits == 4 and block_d <= 128
+    deep = lut4 and block_d == 128 and positions >= 1 << 19
+    wide = block_d == 128 and registers and not deep
+    small = block_d <= 128 or registers
+    block_n = 256 if wide else 128 if small else 64
+    num_warps = 8 if deep else 4 if small else 8
+    num_stages = 3 if deep else 2 if lut4 or (wide and both) else 1
+    return block_n, num_warps, num_stages
+
+
 def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_splits=None,
                      block_n=None, num_warps=None, num_stages=None, precision=None, maxnreg=None):
     """Decode attention of one query token over every position cached in `layer`.
@@ -504,7 +527,7 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
             stay within fp16's range, |v| < 65504, as they do in practice).
         block_n: tokens per tile, a power of two >= 32 (16-token tiles gave wrong results on an H200
             with Triton 3.6). num_warps, num_stages, maxnreg: stage 1's launch options. The defaults
-            depend on how the codes are read (`_code_table`) and are the best measured on an H200
+            depend on how the codes are read (`_code_table`, `_launch_shape`) and are the best measured on an H200
             (`kernels/PERF_NOTES.md`). maxnreg caps the registers per thread: by default 128 when the
             caller asks for 8 warps at D <= 128 without register lookups (two 8-warp programs then
             share an SM); the default launches are uncapped.
@@ -551,24 +574,9 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
 
     (tab_k, klook), (tab_v, vlook) = table(cent_k, kbits, layer.n_quant), table(cent_v, vbits, layer.n_quant)
     (tab_k2, klook2), (tab_v2, vlook2) = table(cent_k2, kbits2, split), table(cent_v2, vbits2, split)
-    # Launch shapes measured on an H200 (`kernels/PERF_NOTES.md`). Register lookups at D = 128: 256-token tiles,
-    # 4 warps, two stages where keys and values are both looked up in registers (4bit, 3bit, k4v3), one for split
-    # codes and QJL keys; 4-bit keys and values over at least 2**19 quantized (batch row, kv head) positions:
-    # 128-token tiles, 8 warps, three stages (1.03-1.08x faster there, slower below). D = 64 with 4 bits:
-    # 128-token tiles, two stages. Otherwise 128 tokens, 4 warps, one stage, except 64 tokens and 8 warps for
-    # pair tables and gathers at D = 256. More stages made every other path slower (up to 2.7x).
+    shape = _launch_shape(klook, vlook, kbits, vbits, split, layer.config.key_qjl, BLOCK_D, B * Hkv * layer.n_quant)
+    block_n, num_warps, num_stages = (x if x is not None else d for x, d in zip((block_n, num_warps, num_stages), shape))
     registers = REGISTERS.value in (klook, vlook)
-    both = klook == vlook == REGISTERS.value and not split and not layer.config.key_qjl
-    lut4 = both and kbits == vbits == 4 and BLOCK_D <= 128
-    deep = lut4 and BLOCK_D == 128 and B * Hkv * layer.n_quant >= 1 << 19
-    wide = BLOCK_D == 128 and registers and not deep
-    small = BLOCK_D <= 128 or registers
-    if block_n is None:
-        block_n = 256 if wide else 128 if small else 64
-    if num_warps is None:
-        num_warps = 8 if deep else 4 if small else 8
-    if num_stages is None:
-        num_stages = 3 if deep else 2 if lut4 or (wide and both) else 1
     if block_n < 32 or block_n & (block_n - 1):
         raise ValueError(f"block_n must be a power of two >= 32, got {block_n}")
     S, chunk = plan_splits(layer.n_quant, B * Hkv, _num_sms(query.device), block_n, num_splits)

@@ -477,6 +477,25 @@ def test_decode_register_lookup_matches_pair_tables(request, monkeypatch, preset
     assert all(torch.equal(r, p) for r, p in zip(regs, pairs)) and not fast.isnan().any()
 
 
+def test_launch_shapes():
+    """Stage 1's default launch per code path (`_launch_shape`, the H200 measurements of kernels/PERF_NOTES.md)."""
+    from tq_hf.kernels.decode import GATHER, PAIRS, REGISTERS, _launch_shape
+
+    R, P, G, big = REGISTERS.value, PAIRS.value, GATHER.value, 1 << 22
+    assert _launch_shape(R, R, 4, 4, False, False, 128, 1 << 19) == (128, 8, 3)  # 4bit, long contexts
+    assert _launch_shape(R, R, 4, 4, False, False, 128, (1 << 19) - 1) == (256, 4, 2)
+    assert _launch_shape(R, R, 3, 3, False, False, 128, big) == (256, 4, 2)  # 3bit
+    assert _launch_shape(R, R, 4, 3, False, False, 128, big) == (256, 4, 2)  # k4v3
+    assert _launch_shape(R, R, 4, 3, True, False, 128, big) == (256, 4, 1)  # split codes
+    assert _launch_shape(R, R, 3, 4, False, True, 128, big) == (256, 4, 1)  # QJL keys
+    assert _launch_shape(R, R, 4, 4, False, False, 64, big) == (128, 4, 2)
+    assert _launch_shape(R, R, 3, 3, False, False, 64, big) == (128, 4, 1)
+    assert _launch_shape(R, R, 4, 4, False, False, 256, big) == (128, 4, 1)
+    assert _launch_shape(P, P, 4, 4, False, False, 128, big) == (128, 4, 1)  # fp32 / fp16 models
+    assert _launch_shape(P, P, 4, 4, False, False, 256, big) == (64, 8, 1)
+    assert _launch_shape(G, G, 8, 8, False, False, 128, big) == (128, 4, 1)
+
+
 def test_plan_splits():
     assert plan_splits(0, 8, 132, 64) == (0, 64)
     s, chunk = plan_splits(100_000, 8, 132, 64)

@@ -13,7 +13,10 @@ Protocol (all of it reads the quantized cache, none of it is a prefill over exac
   same tokens, and the reference is the same model with transformers' `DynamicCache`:
   - `ppl`: perplexity of the text under the decode-step logits (and `ppl_delta_pct` vs the reference);
   - `kl`: mean KL(reference || quantized) of the next-token distributions, in nats; `kl_max` its max;
-  - `top1`: fraction of steps whose argmax equals the reference's;
+  - `top1`: fraction of steps whose argmax equals the reference's; `top1_clear` the same over the steps
+    whose reference top-1 probability exceeds its top-2 by at least `CLEAR_MARGIN` (0.1): a small model has
+    many near-ties, which any perturbation flips (bf16 alone flips some), and this separates those flips
+    from changed predictions (the share of such steps is `clear_steps` in the settings);
   - `cache_vs_bf16`: bytes the cache holds at the end / bytes of a bf16 `DynamicCache` for the same
     tokens (codes, norms, the full-precision window and capacity headroom all count);
   - `tq_layers`: layers the preset actually quantizes (`k3v2` keeps the first and last two in full
@@ -61,8 +64,9 @@ __all__ = ["EvalConfig", "default_configs", "evaluate", "format_table", "main", 
            "sign_test_p"]
 
 PASSKEY_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
+CLEAR_MARGIN = 0.1  # `top1_clear`: reference top-1 minus top-2 probability
 COLUMNS = ("name", "preset", "key_bits", "value_bits", "centring", "qjl", "tq_layers", "ppl", "ppl_delta_pct", "kl", "kl_max",
-           "top1", "passkey", "passkey_lost", "passkey_gained", "passkey_p", "cache_vs_bf16", "seconds")
+           "top1", "top1_clear", "passkey", "passkey_lost", "passkey_gained", "passkey_p", "cache_vs_bf16", "seconds")
 
 
 @dataclasses.dataclass
@@ -138,7 +142,8 @@ def _teacher_forced(model, rows: list[EvalConfig], ids: torch.Tensor, prefix_len
         raise ValueError(f"prefix_len must be in [1, {T - 2}] for sequences of {T} tokens, got {prefix_len}")
     ref_i = next(i for i, r in enumerate(rows) if r.reference)
     caches = [_new_cache(r, r.model or model) for r in rows]
-    stats = [{"nll": 0.0, "kl": 0.0, "kl_max": 0.0, "agree": 0, "seconds": 0.0} for _ in rows]
+    stats = [{"nll": 0.0, "kl": 0.0, "kl_max": 0.0, "agree": 0, "agree_clear": 0, "seconds": 0.0} for _ in rows]
+    n_clear = 0
     for i, r in enumerate(rows):
         t0 = time.perf_counter()
         _forward(r.model or model, ids[:, :prefix_len], caches[i], kw)
@@ -154,13 +159,18 @@ def _teacher_forced(model, rows: list[EvalConfig], ids: torch.Tensor, prefix_len
         ref = logps[ref_i]
         p_ref = ref.exp()
         top_ref = ref.argmax(-1)
+        top2 = p_ref.topk(2, -1).values
+        clear = top2[:, 0] - top2[:, 1] >= CLEAR_MARGIN
+        n_clear += clear.sum().item()
         for i, lp in enumerate(logps):
             kl = (p_ref * (ref - lp)).sum(-1).clamp_min(0)
             s = stats[i]
             s["nll"] -= lp.gather(-1, target[:, None]).sum().item()
             s["kl"] += kl.sum().item()
             s["kl_max"] = max(s["kl_max"], kl.max().item())
-            s["agree"] += (lp.argmax(-1) == top_ref).sum().item()
+            agree = lp.argmax(-1) == top_ref
+            s["agree"] += agree.sum().item()
+            s["agree_clear"] += (agree & clear).sum().item()
         n += B
         if log and (t - prefix_len + 1) % 64 == 0:
             log(f"  teacher-forced step {t - prefix_len + 1}/{T - 1 - prefix_len}")
@@ -171,6 +181,7 @@ def _teacher_forced(model, rows: list[EvalConfig], ids: torch.Tensor, prefix_len
             ratio = c.nbytes() / c.dense_nbytes() if c.dense_nbytes() else None
             tq_layers = sum(isinstance(layer, TurboQuantLayer) for layer in c.layers)
         out[r.name] = {"ppl": math.exp(s["nll"] / n), "kl": s["kl"] / n, "kl_max": s["kl_max"], "top1": s["agree"] / n,
+                       "top1_clear": s["agree_clear"] / n_clear if n_clear else None, "clear_steps": n_clear,
                        "cache_vs_bf16": ratio, "tq_layers": tq_layers, "seconds": s["seconds"], "scored_tokens": n}
     return out
 
@@ -315,7 +326,7 @@ def evaluate(model, tokenizer, texts: list[str], presets=None, *, seq_len: int =
             "residual_length": r.config.residual_length if r.config else None,
             "tq_layers": m["tq_layers"],
             "ppl": m["ppl"], "ppl_delta_pct": 100 * (m["ppl"] / ref_ppl - 1), "kl": m["kl"], "kl_max": m["kl_max"],
-            "top1": m["top1"], "cache_vs_bf16": m["cache_vs_bf16"], "seconds": m["seconds"],
+            "top1": m["top1"], "top1_clear": m["top1_clear"], "cache_vs_bf16": m["cache_vs_bf16"], "seconds": m["seconds"],
             "passkey": (sum(v["accuracy"] for v in pk[r.name].values()) / len(lengths)) if lengths else None,
             "passkey_by_length": {n: v["accuracy"] for n, v in pk[r.name].items()},
             "passkey_by_length_depth": {n: v["by_depth"] for n, v in pk[r.name].items()},
@@ -331,6 +342,7 @@ def evaluate(model, tokenizer, texts: list[str], presets=None, *, seq_len: int =
         out_rows.append(row)
     settings = {
         "texts": len(keep), "seq_len": seq_len, "prefix_len": prefix_len, "scored_tokens": tf[rows[0].name]["scored_tokens"],
+        "clear_steps": tf[rows[0].name]["clear_steps"], "clear_margin": CLEAR_MARGIN,
         "passkey_lengths": lengths, "passkey_depths": list(passkey_depths), "passkey_trials": passkey_trials,
         "residual_length_override": residual_length, "backend": backend, "seed": seed,
         "model_dtype": _dtype_name(model.dtype), "device": str(device), "wall_s": time.perf_counter() - t0,
@@ -362,7 +374,7 @@ def _fmt(v, col):
         return f"{v:+.2f}%"
     if col in ("kl", "kl_max"):
         return f"{v:.2e}"
-    if col in ("top1", "passkey"):
+    if col in ("top1", "top1_clear", "passkey"):
         return f"{100 * v:.1f}%"
     if col == "passkey_p":
         return f"{v:.2f}"
@@ -495,7 +507,8 @@ def main(argv=None, prog: str = "python -m tq_hf.evaluate") -> int:
     s = result["settings"]
     pk = (f"; passkey {len(s['passkey_depths'])} depths x {s['passkey_trials']} trials per length"
           if s["passkey_lengths"] else "")
-    print(f"\n{s['texts']} texts x {s['seq_len']} tokens, {s['scored_tokens']} scored decode steps{pk}; "
+    print(f"\n{s['texts']} texts x {s['seq_len']} tokens, {s['scored_tokens']} scored decode steps "
+          f"({s['clear_steps']} with a reference margin >= {s['clear_margin']}: top1_clear){pk}; "
           f"{s['wall_s']:.0f} s")
     jpath, cpath = save_results(result, args.out)
     print(f"saved {jpath} and {cpath}")
