@@ -144,8 +144,8 @@ def load_group_words(base, row_off, row_mask, D: tl.constexpr, BITS: tl.constexp
     (D*BITS/8 bytes) are multiples of 4 bytes, as the decode launcher's `_word_rows` guarantees. 4 bits:
     one word per group; 3 bits: the unit of words 3s, 3s + 1, 3s + 2 (module docstring) is groups 4s..4s+2
     as they are, and group 4s + 3 gathered from their nibbles' top bits: three loads and six operations
-    per 32 codes. (The plain 3-bit stream took 8 loads and 12 operations per 32 codes to spread the
-    codes into nibbles: 19 % more instructions per tile.)"""
+    per 32 codes. (The plain 3-bit stream took 8 loads per 32 codes, and 12 operations per 8 codes to
+    spread them into nibbles: 24 % more instructions per tile.)"""
     # int32 pointer arithmetic, so the compiler sees rows of consecutive words (vector loads)
     words = base.to(tl.pointer_type(tl.int32)) + (row_off >> 2)[:, None]
     if BITS == 3:
