@@ -586,3 +586,21 @@ def test_workspace_is_keyed_per_device():
     buf = meta.get("probe", (4, 8), torch.float32)
     assert buf.device.type == "meta" and buf.shape == (4, 8)
     assert set(workspaces()) >= {torch.device("cpu"), torch.device("meta")}
+
+
+def test_workspace_views_reused_until_the_buffer_grows():
+    """A repeated request returns the same view (no tensor made per call); a request that grows the buffer
+    moves every later view to the new buffer."""
+    from tq_hf.workspace import Workspace
+
+    ws = Workspace(torch.device("cpu"))
+    a = ws.get("x", (2, 3), torch.float32)
+    assert ws.get("x", [2, 3], torch.float32) is a
+    b = ws.get("x", (3, 2), torch.float32)  # another shape of the same bytes
+    assert b.shape == (3, 2) and b.data_ptr() == a.data_ptr() and ws.grow_count == 1
+    c = ws.get("x", (100,), torch.float32)  # grows
+    again = ws.get("x", (2, 3), torch.float32)
+    assert ws.grow_count == 2 and again.data_ptr() == c.data_ptr() != a.data_ptr() and again.shape == (2, 3)
+    assert ws.get("x", (2, 3), torch.float16).dtype == torch.float16
+    ws.clear()
+    assert ws.get("x", (2, 3), torch.float32) is not again

@@ -18,10 +18,17 @@ class Workspace:
     def __init__(self, device: torch.device):
         self.device = torch.device(device)
         self._buffers: dict[str, torch.Tensor] = {}
+        self._views: dict[str, tuple] = {}  # name -> (shape, dtype, view): the last view handed out
         self.grow_count = 0
 
     def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """A view `shape` of the buffer `name` (contents undefined). Reused across calls."""
+        """A view `shape` of the buffer `name` (contents undefined). Reused across calls: the same view
+        object as the last call's for the same shape and dtype (a decode step asks every layer for the
+        same shapes), so no tensor is made on the hot path."""
+        shape = tuple(shape)
+        last = self._views.get(name)
+        if last is not None and last[0] == shape and last[1] == dtype:
+            return last[2]
         numel = 1
         for s in shape:
             numel *= int(s)
@@ -35,13 +42,16 @@ class Workspace:
             buf = torch.empty(size, dtype=torch.uint8, device=self.device)
             self._buffers[name] = buf
             self.grow_count += 1
-        return buf[:nbytes].view(dtype).view(shape)
+        view = buf[:nbytes].view(dtype).view(shape)
+        self._views[name] = (shape, dtype, view)
+        return view
 
     def nbytes(self) -> int:
         return sum(b.numel() for b in self._buffers.values())
 
     def clear(self) -> None:
         self._buffers.clear()
+        self._views.clear()
 
 
 _WORKSPACES: dict[torch.device, Workspace] = {}
