@@ -64,14 +64,15 @@ def store_codes(
     NG: tl.constexpr = BLOCK_D // 8
     # groups of eight codes (BITS bytes) of the plain stream; at 3 bits only those after the units
     FIRST: tl.constexpr = 4 * (D // 32) if BITS == 3 else 0
-    grouped = tl.reshape(codes.to(tl.int64), (BLOCK_N, NG, 8))
-    shifts = (tl.arange(0, 8) * BITS).to(tl.int64)
-    word = tl.sum(grouped << shifts[None, None, :], axis=2)
-    g = tl.arange(0, NG)
-    gmask = row_mask[:, None] & (g[None, :] >= FIRST) & (g[None, :] < D // 8)
-    ptr = row_ptr[:, None] + g[None, :] * BITS
-    for m in tl.static_range(BITS):
-        tl.store(ptr + m, ((word >> (8 * m)) & 255).to(tl.uint8), mask=gmask)
+    if FIRST < D // 8:
+        grouped = tl.reshape(codes.to(tl.int64), (BLOCK_N, NG, 8))
+        shifts = (tl.arange(0, 8) * BITS).to(tl.int64)
+        word = tl.sum(grouped << shifts[None, None, :], axis=2)
+        g = tl.arange(0, NG)
+        gmask = row_mask[:, None] & (g[None, :] >= FIRST) & (g[None, :] < D // 8)
+        ptr = row_ptr[:, None] + g[None, :] * BITS
+        for m in tl.static_range(BITS):
+            tl.store(ptr + m, ((word >> (8 * m)) & 255).to(tl.uint8), mask=gmask)
     if FIRST > 0:
         # 3-bit units: word w < 3 holds codes 8w..8w+7 in its nibbles, bit k of code 24 + j in bit 3 of
         # nibble j of word k

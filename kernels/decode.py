@@ -125,7 +125,7 @@ def _centroid_rows(base, row_off, row_mask, Table, D: tl.constexpr, BLOCK_D: tl.
                    LOOKUP: tl.constexpr):
     """The centroids of whole code rows, `[BLOCK_N, BLOCK_D]`, read as `_code_table` chose: REGISTERS looks 3- or
     4-bit codes up in registers (Table: `_register_table`'s words), PAIRS gathers two codes' centroids at once
-    from the pair table `[2**(2*BITS), 2]`, GATHER each code's from the centroids themselves."""
+    from the pair table (indexed by `load_pair_indices`), GATHER each code's from the centroids themselves."""
     if LOOKUP == REGISTERS:
         return _register_rows(base, row_off, row_mask, Table, D, BITS)
     elif LOOKUP == PAIRS:
