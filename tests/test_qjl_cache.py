@@ -112,7 +112,8 @@ def test_qjl_keys_generate_through_the_triton_kernel(monkeypatch):
 def test_qjl_keys_are_quantized_by_the_kernel_at_every_head_dim(monkeypatch):
     """backend="triton": the quantize kernel writes the QJL sketch and residual norm of keys, head_dim
     64 to 256 (the kernel's own match against the reference: tests/test_kernels.py)."""
-    import tq_hf.kernels as tk
+    import tq_hf.kernels.quantize as tk  # the launcher's own module: patching the lazy package would
+                                          # leave a plain attribute behind that hides later spies
 
     launches = []
     real = tk.quantize_pack
