@@ -60,6 +60,7 @@ def test_rows_and_reference(result):
         assert r["passkey_p"] == ev.sign_test_p(r["passkey_lost"], r["passkey_gained"])
     assert (ref["passkey_lost"], ref["passkey_gained"], ref["passkey_p"]) == (0, 0, 1.0)
     assert result["settings"]["scored_tokens"] == 3 * (48 - 1 - 16)
+    assert result["settings"]["device_name"]  # the GPU model (or CPU) next to the device string
 
 
 def test_sign_test_p():
