@@ -341,7 +341,7 @@ def test_capacity():
 def test_load_results(tmp_path):
     rows = analysis.load_results(os.path.join(NOTEBOOKS, "results", "kernels_h200.json"))
     assert {r["system"] for r in rows} == ({"bf16 SDPA", "bf16 SDPA flash", "bf16 SDPA cudnn"}
-                                          | {f"turboquant {p}" for p in ("4bit", "3bit", "3.5bit", "2.5bit")})
+                                          | {f"turboquant {p}" for p in ("4bit", "3bit", "3.5bit", "2.5bit", "k4v3")})
     assert all(r["gpu"] == "NVIDIA H200" for r in rows)
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"system": "x"}]))
