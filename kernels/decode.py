@@ -364,6 +364,7 @@ def _decode_stage2_kernel(
     MidL,  # [B, Hq, S + 1] fp32
     RotV,  # [D, D] fp32 (block-diagonal for split codes)
     VPerm,  # [Hkv, D] int64: channel order of split value codes (read if SPLIT)
+    Sinks,  # [Hq] attention-sink logits, any float dtype (read if HAS_SINKS)
     Out,  # [B, 1, Hq, D] model dtype
     # sizes
     Hkv, num_splits,
@@ -380,6 +381,7 @@ def _decode_stage2_kernel(
     BLOCK_S: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     SPLIT: tl.constexpr,  # the quantized part comes out in VPerm's channel order
+    HAS_SINKS: tl.constexpr,
 ):
     pid_bh = tl.program_id(0).to(tl.int64)
     b, h = pid_bh // Hkv, pid_bh % Hkv
@@ -392,6 +394,9 @@ def _decode_stage2_kernel(
     m = tl.max(lse, axis=1)
     m = tl.where(m == float("-inf"), 0.0, m)
     den = tl.sum(tl.exp(lse - m[:, None]), axis=1)
+    if HAS_SINKS:
+        # A sink is one more logit in the softmax's denominator, with no value: it only scales the output.
+        den += tl.exp(tl.load(Sinks + hq, mask=gmask, other=float("-inf")).to(tl.float32) - m)
     den = tl.where(den > 0, den, 1.0)
     d = tl.arange(0, BLOCK_D)
     o_rot = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
@@ -513,13 +518,15 @@ def _launch_shape(klook: int, vlook: int, kbits: int, vbits: int, split: bool, q
 
 
 def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_splits=None,
-                     block_n=None, num_warps=None, num_stages=None, precision=None, maxnreg=None):
+                     block_n=None, num_warps=None, num_stages=None, precision=None, maxnreg=None, sinks=None):
     """Decode attention of one query token over every position cached in `layer`.
 
     Args:
         query: `[B, Hq, 1, D]` (fp16/bf16/fp32). layer: a `TurboQuantLayer` on this device.
         mask: bool `[B, kv]` (True = attend) over the layer's `get_seq_length()` positions, or None.
         scaling: softmax scale (default D**-0.5). softcap: optional tanh soft-capping of scores.
+        sinks: optional attention-sink logits `[Hq]` (GPT-OSS's `s_aux`, any float dtype): one extra
+            logit per query head in the softmax's denominator, attending to nothing.
         num_splits: force the number of quantized splits (default: from SM count and length).
         precision: dot precision, "ieee" | "tf32x3" | "tf32" | "fp16". Default: "ieee" for fp32,
             "tf32x3" for fp16 (plain tf32 is as coarse as fp16 itself) and "fp16" operands with fp32
@@ -546,6 +553,10 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
     total = layer.get_seq_length()
     if mask is not None and (mask.dim() != 2 or mask.shape[0] != B or mask.shape[1] < total):
         raise ValueError(f"mask must be [B, >= {total}], got {tuple(mask.shape)}")
+    if sinks is not None and (sinks.shape != (Hq,) or sinks.device != query.device or not sinks.is_floating_point()
+                              or not sinks.is_contiguous()):
+        raise ValueError(f"sinks must be a contiguous float tensor [{Hq}] on {query.device}, got "
+                         f"{sinks.dtype} {tuple(sinks.shape)} on {sinks.device}")
     G = Hq // Hkv
     BLOCK_D = max(16, next_pow2(D))
     # Split codes (outlier channels, half the channels each): two code spaces of D/2.
@@ -625,12 +636,13 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
             **({"maxnreg": maxnreg} if maxnreg else {}),
         )
         _decode_stage2_kernel[(B * Hkv,)](
-            mid_o, mid_l, rot_v, v_perm, out,
+            mid_o, mid_l, rot_v, v_perm, sinks if sinks is not None else mid_l, out,
             Hkv, S,
             mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
             mid_l.stride(0), mid_l.stride(1),
             out.stride(0), out.stride(2),
             G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D, BLOCK_C=min(BLOCK_D, 64),
-            BLOCK_S=next_pow2(S + 1), DOT_PRECISION=precision, SPLIT=split, num_warps=4,
+            BLOCK_S=next_pow2(S + 1), DOT_PRECISION=precision, SPLIT=split, HAS_SINKS=sinks is not None,
+            num_warps=4,
         )
     return out

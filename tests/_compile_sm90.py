@@ -85,7 +85,7 @@ dec._runs_ptx = lambda device: True
 
 
 def drive(preset, D=128, dtype=torch.bfloat16, G=4, softcap=None, mask=False, window_only=False, launch=None,
-          **overrides):
+          sinks=False, **overrides):
     """Every launch one layer makes: quantize on update (prefill, then a flush), decode attention (with the
     `launch` options of `decode_attention`, if given), dequantization of the history."""
     torch.manual_seed(0)
@@ -99,7 +99,8 @@ def drive(preset, D=128, dtype=torch.bfloat16, G=4, softcap=None, mask=False, wi
     total = layer.get_seq_length()
     q = torch.randn(B, H * G, 1, D, dtype=dtype)
     m = torch.ones(B, total, dtype=torch.bool) if mask else None
-    dec.decode_attention(q, layer, m, D**-0.5, softcap, **(launch or {}))
+    s = torch.randn(H * G, dtype=dtype) if sinks else None
+    dec.decode_attention(q, layer, m, D**-0.5, softcap, sinks=s, **(launch or {}))
     layer.dequantize_range(0, total)
 
 
@@ -111,6 +112,7 @@ CASES = [
     {"preset": "4bit", "key_qjl": True},  # QJL keys, 3-bit codes
     {"preset": "4bit", "dtype": torch.float32}, {"preset": "4bit", "dtype": torch.float16},  # ieee, tf32x3 dots
     {"preset": "4bit", "mask": True, "softcap": 30.0}, {"preset": "3.5bit", "mask": True, "softcap": 30.0},
+    {"preset": "4bit", "mask": True, "sinks": True},  # attention sinks (GPT-OSS) in the reduce stage
     {"preset": "3.5bit", "window_only": True},  # split preset before its first flush
     {"preset": "3bit", "D": 96},  # a head dim that is not a power of two: per-code reads
     {"preset": "4bit", "D": 64}, {"preset": "3.5bit", "D": 64}, {"preset": "2.5bit", "D": 64},  # other launch shapes

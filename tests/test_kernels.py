@@ -179,9 +179,10 @@ def _reference_kv(layer):
     return k, v
 
 
-def _attention(q, k, v, mask, scale, softcap, dtype, layer=None):
+def _attention(q, k, v, mask, scale, softcap, dtype, layer=None, sinks=None):
     """Dense attention in `dtype`; with a `key_qjl` layer its quantized keys' scores get the QJL estimate
-    ||r|| sqrt(pi/2) / D <S q, sign(S r)> of <q, residual> (TurboQuant_prod)."""
+    ||r|| sqrt(pi/2) / D <S q, sign(S r)> of <q, residual> (TurboQuant_prod). `sinks` `[Hq]`: one more
+    softmax column per query head whose probability multiplies no value (as GPT-OSS's eager attention)."""
     _B, Hq, _, D = q.shape
     G = Hq // k.shape[1]
     q, k, v = q.to(dtype), k.repeat_interleave(G, 1).to(dtype), v.repeat_interleave(G, 1).to(dtype)
@@ -197,17 +198,20 @@ def _attention(q, k, v, mask, scale, softcap, dtype, layer=None):
         s = softcap * torch.tanh(s / softcap)
     if mask is not None:
         s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
+    if sinks is not None:
+        s = torch.cat([s, sinks.to(dtype).view(1, -1, 1, 1).expand(*s.shape[:-1], 1)], -1)
+        return (torch.softmax(s, -1)[..., :-1] @ v).transpose(1, 2)
     return (torch.softmax(s, -1) @ v).transpose(1, 2)
 
 
-def _check_decode(q, layer, mask, softcap, num_splits):
+def _check_decode(q, layer, mask, softcap, num_splits, sinks=None):
     D = q.shape[-1]
     scale = D**-0.5
-    out = decode_attention(q, layer, mask, scale, softcap, num_splits=num_splits)
+    out = decode_attention(q, layer, mask, scale, softcap, num_splits=num_splits, sinks=sinks)
     assert out.shape == (q.shape[0], 1, q.shape[1], D) and out.dtype == q.dtype
     k, v = _reference_kv(layer)
-    ref = _attention(q.double(), k.double(), v.double(), mask, scale, softcap, torch.float64, layer)
-    pt = _attention(q, k, v, mask, scale, softcap, q.dtype, layer)
+    ref = _attention(q.double(), k.double(), v.double(), mask, scale, softcap, torch.float64, layer, sinks)
+    pt = _attention(q, k, v, mask, scale, softcap, q.dtype, layer, sinks)
     err, err_pt = (out.double() - ref).abs(), (pt.double() - ref).abs()
     trunc = ref.abs() * 2**-7 if (INTERPRET and not CUDA and q.dtype == torch.bfloat16) else torch.zeros_like(ref)
     assert not out.isnan().any()
@@ -251,6 +255,36 @@ def test_decode_softcap_and_bits(request, dtype):
         layer = _make_layer(2, 2, 64, 37, 8, dtype, key_bits=kb, value_bits=vb)
         q = torch.randn(2, 8, 1, 64, dtype=dtype, device=DEV) * 3
         _check_decode(q, layer, None, 20.0, None)
+
+
+@pytest.mark.parametrize("shape", [(2, 2, 4, 64, 45, 8), (1, 2, 8, 128, 20, 20), (3, 1, 2, 80, 9, 0)] + (
+    [(2, 8, 8, 64, 4096, 128)] if CUDA else []), ids=str)
+def test_decode_attention_sinks(request, shape):
+    """GPT-OSS's attention sinks (`s_aux`, one logit per query head): the kernel against dense attention
+    with the sink column, and the PyTorch reference (the spec) against it too, on a ragged batch; the
+    window-only case (R >= T) included. Sinks of both signs and up to ~10, so they matter."""
+    from tq_hf.attention import reference_attention
+
+    _seed(request)
+    B, Hkv, G, D, T, R = shape
+    dtype = DTYPES[zlib.crc32(str(shape).encode()) % 3]
+    layer = _make_layer(B, Hkv, D, T, R, dtype)
+    n = layer.get_seq_length()
+    mask = torch.ones(B, n, dtype=torch.bool, device=DEV)
+    mask[1:, : min(5, n - 1)] = False
+    sinks = (torch.randn(Hkv * G, device=DEV) * 4).to(dtype)
+    q = torch.randn(B, Hkv * G, 1, D, dtype=dtype, device=DEV)
+    out = _check_decode(q, layer, mask, None, None, sinks)
+    k, v = _reference_kv(layer)
+    ref = _attention(q.double(), k.double(), v.double(), mask, D**-0.5, None, torch.float64, layer, sinks)
+    pt = _attention(q, k, v, mask, D**-0.5, None, q.dtype, layer, sinks)
+    spec = reference_attention(q, layer, n, mask=mask[:, None, None, :], sinks=sinks)
+    # the spec computes in fp32, then rounds to the model dtype: within the dtype's own error of dense attention
+    assert (spec.double() - ref).abs().max() <= 3 * (pt.double() - ref).abs().max() + 1e-5
+    without = decode_attention(q, layer, mask, D**-0.5)
+    assert (out.float() - without.float()).abs().max() > 1e-2  # the sinks changed the output
+    with pytest.raises(ValueError, match="sinks must be"):
+        decode_attention(q, layer, mask, D**-0.5, sinks=sinks[:-1])
 
 
 @pytest.mark.parametrize("preset", ["2.5bit", "3.5bit"])

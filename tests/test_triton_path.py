@@ -72,3 +72,30 @@ def test_generate_runs_the_kernels_and_matches_reference(monkeypatch):
     assert calls["dequantize"] > 0
     assert torch.equal(second_t, second_r)
     assert "hist_k" in get_workspace(DEV)._buffers
+
+
+def test_attention_sinks_decode_on_the_kernel(monkeypatch):
+    """GPT-OSS (attention sinks, sliding and full layers, every layer quantized): greedy decode through the
+    Triton kernel, which gets the sinks, matches the PyTorch reference backend."""
+    import tq_hf.kernels.decode as decode_mod
+    from _families import _cfg, build
+
+    sinks_seen = []
+    real = decode_mod.decode_attention
+    monkeypatch.setattr(decode_mod, "decode_attention",
+                        lambda *a, **k: sinks_seen.append(k.get("sinks")) or real(*a, **k))
+    cfg = _cfg("GptOssConfig", head_dim=64, num_local_experts=2, num_experts_per_tok=2, sliding_window=8,
+               layer_types=["sliding_attention", "full_attention"])
+    model = build(cfg, "turboquant").to(DEV)
+    ids = torch.randint(3, 128, (2, 30), generator=torch.Generator().manual_seed(3)).to(DEV)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    scores = {}
+    for backend in ("triton", "torch"):
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, min_new_tokens=5,
+                                 do_sample=False, output_scores=True, return_dict_in_generate=True,
+                                 **cache_kw(tq_hf.TurboQuantCache(residual_length=8, backend=backend)))
+        scores[backend] = torch.stack(out.scores)
+    assert len(sinks_seen) == 2 * 4 and all(s is not None for s in sinks_seen)
+    torch.testing.assert_close(scores["triton"], scores["torch"], rtol=0, atol=1e-3)

@@ -28,26 +28,43 @@ from .workspace import get_workspace
 __all__ = ["reference_attention", "register", "turboquant_attention_forward"]
 
 HISTORY_BLOCK = 1024  # tokens dequantized per workspace tile in continuation prefill
+EAGER_BLOCK = 1024  # query rows per block of dense attention (first prefill with softcap or sinks)
 
 
-def _eager(q, k, v, mask, scaling, softcap, return_weights=False):
+def _eager(q, k, v, mask, scaling, softcap, return_weights=False, sinks=None):
     """Dense attention in fp32 with GQA, bool mask `[B, 1|H, q, kv]` (True = attend; None = causal),
-    optional softcap.
+    optional softcap and attention-sink logits `sinks` `[Hq]` (one more softmax column, attending to nothing).
     q `[B, Hq, q, D]`, k/v `[B, Hkv, kv, D]` -> `[B, q, Hq, D]` in q's dtype (and, with `return_weights`,
-    the probabilities `[B, Hq, q, kv]` in q's dtype)."""
+    the probabilities `[B, Hq, q, kv]` in q's dtype). Without `return_weights`, long queries (a first
+    prefill) run EAGER_BLOCK rows at a time, so the fp32 scores take `[B, Hq, EAGER_BLOCK, kv]`."""
+    L, first = q.shape[2], k.shape[2] - q.shape[2]  # query i sits at key position first + i
+    if return_weights or L <= EAGER_BLOCK:
+        return _eager_rows(q, k, v, mask, scaling, softcap, return_weights, sinks, first)
+    return torch.cat([
+        _eager_rows(q[:, :, i : i + EAGER_BLOCK], k, v, None if mask is None else mask[..., i : i + EAGER_BLOCK, :],
+                    scaling, softcap, False, sinks, first + i)
+        for i in range(0, L, EAGER_BLOCK)
+    ], 1)
+
+
+def _eager_rows(q, k, v, mask, scaling, softcap, return_weights, sinks, first):
+    """`_eager` for query rows at key positions first, first + 1, ... (for the causal mask when None)."""
     B, Hq, L, D = q.shape
     G = Hq // k.shape[1]
     qf = q.float().view(B, k.shape[1], G, L, D)
     s = torch.einsum("bhgqd,bhkd->bhgqk", qf, k.float()) * scaling
     if softcap:
         s = softcap * torch.tanh(s / softcap)
-    if mask is None and L > 1:
-        # The mask function returns None for an unpadded causal batch (SDPA then sets is_causal):
-        # causal, aligned to the newest key (query i sits at position kv - L + i).
-        mask = torch.ones(L, k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - L)[None, None]
+    if mask is None and first < k.shape[2] - 1:
+        # The mask function returns None for an unpadded causal batch (SDPA then sets is_causal).
+        mask = torch.ones(L, k.shape[2], dtype=torch.bool, device=q.device).tril(first)[None, None]
     if mask is not None:
         s = s.masked_fill(~_group_mask(mask, k.shape[1], G), float("-inf"))
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # fully masked rows (padding queries) give 0
+    if sinks is not None:
+        sink = sinks.float().view(1, k.shape[1], G, 1, 1).expand(*s.shape[:-1], 1)
+        p = torch.softmax(torch.cat([s, sink], -1), dim=-1)[..., :-1]
+    else:
+        p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # fully masked rows (padding queries) give 0
     o = torch.einsum("bhgqk,bhkd->bhgqd", p, v.float())
     o = o.reshape(B, Hq, L, D).transpose(1, 2).to(q.dtype)
     if return_weights:
@@ -69,11 +86,12 @@ def _as_bool_mask(mask):
 
 
 def reference_attention(query, layer: TurboQuantLayer, end, chunk_k=None, chunk_v=None, mask=None,
-                        scaling=None, softcap=None, block=HISTORY_BLOCK):
+                        scaling=None, softcap=None, block=HISTORY_BLOCK, sinks=None):
     """Attention of `query` `[B, Hq, q, D]` over cached positions [0, end) of `layer` (dequantized
     block by block, online softmax) followed, if given, by the exact chunk `[B, Hkv, q, D]` at
     positions [end, end + q). `mask` is bool `[B, 1|Hq, q, >= end (+ q)]` (True = attend) or None
-    (history fully visible, chunk causal). Returns `[B, q, Hq, D]` in query's dtype.
+    (history fully visible, chunk causal). `sinks`: optional attention-sink logits `[Hq]`, one more
+    term of the softmax's denominator. Returns `[B, q, Hq, D]` in query's dtype.
     This is the spec of the decode kernel (q = 1, no chunk)."""
     B, Hq, L, D = query.shape
     Hkv = layer.num_heads
@@ -118,6 +136,8 @@ def reference_attention(query, layer: TurboQuantLayer, end, chunk_k=None, chunk_
         else:
             cm = _group_mask(mask[..., end : end + L], Hkv, G)
         step(chunk_k, chunk_v, cm)
+    if sinks is not None:
+        den = den + torch.exp(sinks.float().view(1, Hkv, G, 1) - torch.where(torch.isinf(m), 0.0, m))
     out = acc / den.unsqueeze(-1)
     out = torch.where(den.unsqueeze(-1) > 0, out, torch.zeros_like(out))
     return out.reshape(B, Hq, L, D).transpose(1, 2).to(query.dtype)
@@ -140,24 +160,23 @@ def turboquant_attention_forward(
         query: `[B, Hq, q, D]`. key, value: `[B, Hkv, kv, D]` (for a TurboQuantCache, the new chunk
             tagged with its layer). attention_mask: bool `[B, 1, q, kv_total]` from the registered
             mask function, or None. scaling: softmax scale (default D**-0.5).
-        kwargs: `softcap` is honoured; `s_aux` (attention sinks) is not supported.
+        kwargs: `softcap` and `s_aux` (attention-sink logits `[Hq]`, GPT-OSS) are honoured. Attention
+            with either that is not read from the codes (a first prefill, other caches) is dense fp32
+            attention, as "eager" computes it.
     Returns:
         `([B, q, Hq, D], None)`.
     """
-    if kwargs.get("s_aux") is not None:
-        raise NotImplementedError(
-            f"the 'turboquant' attention does not support attention sinks (s_aux, {type(module).__name__}, e.g. "
-            "GPT-OSS): load the model with attn_implementation='eager' (TurboQuantCache then dequantizes: correct, "
-            "slow) or use DynamicCache"
-        )
-    softcap = kwargs.get("softcap")
+    softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux")
     layer = tagged_layer(key)
     if kwargs.get("output_attentions"):
-        return _with_weights(module, query, key, value, attention_mask, scaling, softcap, layer, dropout)
+        return _with_weights(module, query, key, value, attention_mask, scaling, softcap, layer, dropout, sinks)
     if layer is None or tagged_layer(value) is not layer:
-        if softcap:
+        if softcap or sinks is not None:
+            if dropout:
+                raise ValueError("the 'turboquant' attention with softcap or attention sinks is inference-only: "
+                                 "attention dropout must be 0")
             return _eager(query, key, value, _as_bool_mask(attention_mask), scaling or query.shape[-1] ** -0.5,
-                          softcap), None
+                          softcap, sinks=sinks), None
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     if dropout:
@@ -168,8 +187,8 @@ def turboquant_attention_forward(
     total, L = layer.get_seq_length(), query.shape[2]
     history = total - layer.last_update_len
     if history == 0:
-        if softcap:
-            return _eager(query, key, value, mask, scaling, softcap), None
+        if softcap or sinks is not None:
+            return _eager(query, key, value, mask, scaling, softcap, sinks=sinks), None
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     if L == 1:
@@ -177,12 +196,12 @@ def turboquant_attention_forward(
         if layer.backend == "triton":
             from .kernels import decode_attention
 
-            return decode_attention(query, layer, flat, scaling, softcap), None
-        return reference_attention(query, layer, total, mask=mask, scaling=scaling, softcap=softcap), None
-    return reference_attention(query, layer, history, key, value, mask, scaling, softcap), None
+            return decode_attention(query, layer, flat, scaling, softcap, sinks=sinks), None
+        return reference_attention(query, layer, total, mask=mask, scaling=scaling, softcap=softcap, sinks=sinks), None
+    return reference_attention(query, layer, history, key, value, mask, scaling, softcap, sinks=sinks), None
 
 
-def _with_weights(module, query, key, value, attention_mask, scaling, softcap, layer, dropout):
+def _with_weights(module, query, key, value, attention_mask, scaling, softcap, layer, dropout, sinks=None):
     """The `output_attentions=True` fallback: dense fp32 attention that also returns its probabilities
     `[B, Hq, q, kv]`. For a TurboQuantCache layer the history is dequantized (the whole context in
     full precision: slow, as "eager" is) and the new chunk is exact, as on the fast path."""
@@ -198,7 +217,7 @@ def _with_weights(module, query, key, value, attention_mask, scaling, softcap, l
             key, value = torch.cat([hk, key], 2), torch.cat([hv, value], 2)
     if mask is not None:
         mask = mask[..., : key.shape[2]]
-    return _eager(query, key, value, mask, scaling, softcap, return_weights=True)
+    return _eager(query, key, value, mask, scaling, softcap, return_weights=True, sinks=sinks)
 
 
 def register() -> None:
