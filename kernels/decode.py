@@ -56,23 +56,14 @@ def _dot(a, b, PRECISION: tl.constexpr):
 GATHER, PAIRS, REGISTERS = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 # PTX looking up the eight codes of a group (`load_group_words`: code j in bits 4j..4j+bits-1) in a fp16 table
-# of 2**bits entries held in registers (`_register_table`): $8 the group, then the low bytes of entries 0-3,
-# 4-7, ... and after them their high bytes; $0-$7 the fp16 centroids of codes 0-7. prmt picks 4 bytes out of 8 by 3-bit
-# selectors, the nibbles of the low 16 bits of its last operand: each code's low 3 bits pick its byte
-# among eight entries (at 4 bits in entries 0-7 and 8-15, then its top bit picks one of the two), and
-# two more prmt interleave low and high bytes into fp16 pairs; codes 0-3 first, then (shifted down) 4-7.
-_LOOK4 = """prmt.b32 a, $9, $10, s;
-prmt.b32 b, $11, $12, s;
-prmt.b32 lo, a, b, t;
-prmt.b32 a, $13, $14, s;
-prmt.b32 b, $15, $16, s;
-prmt.b32 hi, a, b, t;
-"""
-_LOOK3 = """prmt.b32 lo, $9, $10, s;
-prmt.b32 hi, $11, $12, s;
-"""
-
-
+# of eight entries held in four registers (`_register_table`): $8 the group, $9-$10 the low bytes of entries
+# 0-3 and 4-7, $11-$12 their high bytes; $0-$7 the fp16 centroids of codes 0-7. prmt picks 4 bytes out of 8 by
+# 3-bit selectors, the nibbles of the low 16 bits of its last operand: one prmt gives four codes' low bytes,
+# one their high bytes, and two more interleave low and high bytes into fp16 pairs; codes 0-3 first, then
+# (shifted down) 4-7. At 3 bits the selectors are the codes. At 4 bits the codebook is antisymmetric
+# (c[15 - i] = -c[i], `tq_hf.codec.codebook`), so the table holds the magnitudes c[8..15]: code c >= 8 is
+# entry c - 8, code c < 8 is entry 7 - c with the sign bit set in its high byte. That halves the table
+# (four registers, not eight) and the byte picks (two prmt per four codes, not six).
 def _interleave(first: int) -> str:
     """PTX: the low bytes `lo` and high bytes `hi` of four centroids into fp16 outputs $first..$first+3."""
     return f"""prmt.b32 p, lo, hi, 0x5140;
@@ -82,22 +73,37 @@ mov.b32 {{${first + 2}, ${first + 3}}}, q;
 """
 
 
-# 4 bits. s: each code's low 3 bits; t: nibble i is i, plus 4 if code i's top bit is set.
+def _signed(selector: str) -> str:
+    """PTX: set the sign bit of the high bytes `hi` of four codes whose top bit is clear. Byte j of `x` carries
+    code 2j's negative flag in its top bit, byte j of `n` code 2j + 1's; `selector` picks codes 0-3 or 4-7."""
+    return f"""prmt.b32 g, x, n, {selector};
+and.b32 g, g, 0x80808080;
+xor.b32 hi, hi, g;
+"""
+
+
+_LOOK = """prmt.b32 lo, $9, $10, s;
+prmt.b32 hi, $11, $12, s;
+"""
+# 4 bits. n: bit 3 of nibble i set if code i < 8 (negative); s: each code's magnitude entry, c & 7 for
+# c >= 8 and 7 - c = (c & 7) ^ 7 for c < 8 (n - (n >> 3) puts 7 in the nibbles of negative codes).
 _LOOKUP4_PTX = tl.constexpr("""{
-.reg .b32 s, t, a, b, lo, hi, p, q;
-and.b32 s, $8, 0x77777777;
-shr.b32 t, $8, 1;
-and.b32 t, t, 0x44444444;
-or.b32 t, t, 0x32103210;
-""" + _LOOK4 + _interleave(0) + """shr.b32 s, s, 16;
-shr.b32 t, t, 16;
-""" + _LOOK4 + _interleave(4) + "}")
+.reg .b32 n, s, x, g, lo, hi, p, q;
+and.b32 n, $8, 0x88888888;
+xor.b32 n, n, 0x88888888;
+shr.b32 s, n, 3;
+sub.u32 s, n, s;
+and.b32 x, $8, 0x77777777;
+xor.b32 s, s, x;
+shl.b32 x, n, 4;
+""" + _LOOK + _signed("0x5140") + _interleave(0) + """shr.b32 s, s, 16;
+""" + _LOOK + _signed("0x7362") + _interleave(4) + "}")
 # 3 bits (codes in nibbles, as `load_group_words` gives them). s: each code's 3 bits.
 _LOOKUP3_PTX = tl.constexpr("""{
 .reg .b32 s, lo, hi, p, q;
 and.b32 s, $8, 0x77777777;
-""" + _LOOK3 + _interleave(0) + """shr.b32 s, s, 16;
-""" + _LOOK3 + _interleave(4) + "}")
+""" + _LOOK + _interleave(0) + """shr.b32 s, s, 16;
+""" + _LOOK + _interleave(4) + "}")
 
 
 @triton.jit
@@ -106,15 +112,9 @@ def _register_rows(base, row_off, row_mask, Table, D: tl.constexpr, BITS: tl.con
     (`_LOOKUP4_PTX`, `_LOOKUP3_PTX`); Table: the int32 words of `_register_table`."""
     word = load_group_words(base, row_off, row_mask, D, BITS)
     t0, t1, t2, t3 = tl.load(Table), tl.load(Table + 1), tl.load(Table + 2), tl.load(Table + 3)
-    if BITS == 4:
-        t4, t5, t6, t7 = tl.load(Table + 4), tl.load(Table + 5), tl.load(Table + 6), tl.load(Table + 7)
-        c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
-            _LOOKUP4_PTX, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r,r,r,r,r", [word, t0, t1, t2, t3, t4, t5, t6, t7],
-            dtype=(tl.float16,) * 8, is_pure=True, pack=1)
-    else:
-        c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
-            _LOOKUP3_PTX, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r", [word, t0, t1, t2, t3],
-            dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+    c0, c1, c2, c3, c4, c5, c6, c7 = tl.inline_asm_elementwise(
+        _LOOKUP4_PTX if BITS == 4 else _LOOKUP3_PTX, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r,r,r", [word, t0, t1, t2, t3],
+        dtype=(tl.float16,) * 8, is_pure=True, pack=1)
     # join appends an axis: [BLOCK_N, D/8, 2, 2, 2] holds code 8g + 4i + 2j + k at [:, g, i, j, k]
     x = tl.join(tl.join(tl.join(c0, c4), tl.join(c2, c6)), tl.join(tl.join(c1, c5), tl.join(c3, c7)))
     return tl.reshape(x, (row_off.shape[0], D))
@@ -438,8 +438,13 @@ def _register_lookup(bits: int, d: int, dtype: torch.dtype, device: torch.device
 
 
 def _register_table(cent: torch.Tensor) -> torch.Tensor:
-    """The 2**bits fp16 centroids `cent` as `_register_rows` reads them, int32 `[2**bits // 2]`: the low bytes of
-    entries 0-3, 4-7, ... (entry 4w in the lowest byte of word w), then their high bytes."""
+    """The fp16 table of the 8 or 16 centroids `cent` as `_register_rows` reads it, int32 `[4]`: the low bytes
+    of entries 0-3 and 4-7 (entry 4w in the lowest byte of word w), then their high bytes. The entries are the
+    3-bit centroids, or the magnitudes of the 4-bit ones, c[8..15] (the lookup negates c[i] = -c[15 - i])."""
+    if cent.numel() == 16:
+        if not torch.equal(cent[:8], -cent.flip(0)[:8]):
+            raise ValueError("the 4-bit register lookup needs an antisymmetric codebook (c[15 - i] = -c[i])")
+        cent = cent[8:]
     byte = cent.to(torch.float16).view(torch.uint8).view(-1, 2)  # little-endian: low byte first
     return byte.t().contiguous().view(torch.int32).view(-1)
 

@@ -393,8 +393,8 @@ def test_register_lookup_dispatch(monkeypatch):
 
 
 def _run_ptx(asm: str, regs: dict) -> dict:
-    """Run `asm`, a block of the PTX instructions and.b32 / or.b32 / shl.b32 / shr.b32 / prmt.b32 (default
-    mode) and `mov.b32 {lo, hi}, r`, on `regs` {"$8": ...}: unsigned 32-bit values, numbers or NumPy arrays
+    """Run `asm`, a block of the PTX instructions and.b32 / or.b32 / xor.b32 / sub.u32 / shl.b32 / shr.b32 /
+    prmt.b32 (default mode) and `mov.b32 {lo, hi}, r`, on `regs` {"$8": ...}: unsigned 32-bit values, numbers or NumPy arrays
     (element-wise). Returns every register."""
     regs = {r: np.asarray(v, dtype=np.uint64) for r, v in regs.items()}
     for ins in asm.strip().strip("{}").split(";"):
@@ -410,6 +410,10 @@ def _run_ptx(asm: str, regs: dict) -> dict:
         a, b, *c = [regs[x] if x in regs else np.uint64(int(x, 0)) for x in src]
         if op == "and.b32":
             regs[dst] = a & b
+        elif op == "xor.b32":
+            regs[dst] = a ^ b
+        elif op == "sub.u32":
+            regs[dst] = (a + np.uint64(2**32) - b) & 0xFFFFFFFF
         elif op == "or.b32":
             regs[dst] = a | b
         elif op == "shl.b32":
