@@ -306,26 +306,33 @@ def test_reset_then_reuse_across_attention_implementations(model_of, first, seco
     assert all(layer.fast_path == (second == "turboquant") for layer in cache.layers)
 
 
-@pytest.mark.parametrize("masked", (False, True))
+@pytest.mark.parametrize("masked", ("causal", "padded", "broadcast"))
 def test_dense_attention_in_query_blocks(monkeypatch, masked):
     """The dense fp32 attention that serves softcap and attention-sink prefills runs long queries a block
     of rows at a time; blocks of 5 rows give what one block gives (causal by position when the mask is
-    None, a padded bool mask otherwise; softcap and sinks on), and weights stay whole."""
+    None, a padded bool mask, a mask broadcast over queries; softcap and sinks on), and weights stay whole."""
     import tq_hf.attention as tq_attention
 
     g = torch.Generator().manual_seed(11)
     q, k, v = (torch.randn(2, 6, n, 16, generator=g) for n in (13, 17, 17))
     k, v = k[:, :3], v[:, :3]  # GQA 2:1; 13 queries after 4 cached keys
     mask = None
-    if masked:
+    if masked == "padded":
         mask = torch.ones(17, 17, dtype=torch.bool).tril()[None, None, 4:].repeat(2, 1, 1, 1)
         mask[1, :, :, :3] = False  # a left-padded row
-    sinks = torch.randn(6, generator=g)
+    elif masked == "broadcast":
+        mask = torch.ones(2, 1, 1, 17, dtype=torch.bool)
+        mask[0, ..., :2] = False
+    sinks = torch.randn(6, generator=g) * 3
     whole = tq_attention._eager(q, k, v, mask, 0.25, 5.0, sinks=sinks)
     _, weights = tq_attention._eager(q, k, v, mask, 0.25, 5.0, return_weights=True, sinks=sinks)
-    monkeypatch.setattr(tq_attention, "EAGER_BLOCK", 5)
+    monkeypatch.setattr(tq_attention, "EAGER_BLOCK_BYTES", 5 * 4 * 2 * 6 * 17)  # 5 rows of fp32 scores
     blocked = tq_attention._eager(q, k, v, mask, 0.25, 5.0, sinks=sinks)
     torch.testing.assert_close(blocked, whole, rtol=0, atol=1e-6)
-    assert weights.shape == (2, 6, 13, 17) and weights[:, :, 0, 5:].abs().sum() == 0  # query 0 sits at key 4
-    # the sinks take the rest of each row's probability
-    assert (weights.sum(-1) < 1).all() and (weights.sum(-1) > 0).all()
+    # against attention written out: the sink is one more logit per query head (head h * 2 + g of kv head h)
+    s = 5.0 * torch.tanh(q @ k.repeat_interleave(2, 1).transpose(-1, -2) * 0.25 / 5.0)
+    allowed = torch.ones(17, 17, dtype=torch.bool).tril()[4:] if mask is None else mask
+    s = s.masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(torch.cat([s, sinks.view(1, 6, 1, 1).expand(2, 6, 13, 1)], -1), -1)[..., :-1]
+    torch.testing.assert_close(weights, p, rtol=0, atol=1e-6)
+    torch.testing.assert_close(whole, (p @ v.repeat_interleave(2, 1)).transpose(1, 2), rtol=0, atol=1e-5)

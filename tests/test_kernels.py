@@ -262,7 +262,7 @@ def test_decode_softcap_and_bits(request, dtype):
 def test_decode_attention_sinks(request, shape):
     """GPT-OSS's attention sinks (`s_aux`, one logit per query head): the kernel against dense attention
     with the sink column, and the PyTorch reference (the spec) against it too, on a ragged batch; the
-    window-only case (R >= T) included. Sinks of both signs and up to ~10, so they matter."""
+    window-only case (R >= T) and a fully masked row included. Sinks of both signs and up to ~10, one of 40."""
     from tq_hf.attention import reference_attention
 
     _seed(request)
@@ -272,7 +272,9 @@ def test_decode_attention_sinks(request, shape):
     n = layer.get_seq_length()
     mask = torch.ones(B, n, dtype=torch.bool, device=DEV)
     mask[1:, : min(5, n - 1)] = False
+    mask[2:] = False  # a fully masked row: the sink takes all the probability, the output is 0
     sinks = (torch.randn(Hkv * G, device=DEV) * 4).to(dtype)
+    sinks[0] = 40.0  # far above every score: head 0's output is ~0
     q = torch.randn(B, Hkv * G, 1, D, dtype=dtype, device=DEV)
     out = _check_decode(q, layer, mask, None, None, sinks)
     k, v = _reference_kv(layer)

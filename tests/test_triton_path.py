@@ -87,6 +87,9 @@ def test_attention_sinks_decode_on_the_kernel(monkeypatch):
     cfg = _cfg("GptOssConfig", head_dim=64, num_local_experts=2, num_experts_per_tok=2, sliding_window=8,
                layer_types=["sliding_attention", "full_attention"])
     model = build(cfg, "turboquant").to(DEV)
+    for m in model.modules():  # transformers initialises sinks near 0; spread them so head order and scale matter
+        if hasattr(m, "sinks"):
+            m.sinks.data.copy_(torch.randn(m.sinks.shape, generator=torch.Generator().manual_seed(4)) * 3)
     ids = torch.randint(3, 128, (2, 30), generator=torch.Generator().manual_seed(3)).to(DEV)
     mask = torch.ones_like(ids)
     mask[1, :4] = 0

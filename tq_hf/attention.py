@@ -28,7 +28,8 @@ from .workspace import get_workspace
 __all__ = ["reference_attention", "register", "turboquant_attention_forward"]
 
 HISTORY_BLOCK = 1024  # tokens dequantized per workspace tile in continuation prefill
-EAGER_BLOCK = 1024  # query rows per block of dense attention (first prefill with softcap or sinks)
+EAGER_BLOCK_BYTES = 2**28  # fp32 scores per block of query rows in dense attention (first prefill with softcap
+                           # or sinks); a few such temporaries live at once
 
 
 def _eager(q, k, v, mask, scaling, softcap, return_weights=False, sinks=None):
@@ -36,14 +37,17 @@ def _eager(q, k, v, mask, scaling, softcap, return_weights=False, sinks=None):
     optional softcap and attention-sink logits `sinks` `[Hq]` (one more softmax column, attending to nothing).
     q `[B, Hq, q, D]`, k/v `[B, Hkv, kv, D]` -> `[B, q, Hq, D]` in q's dtype (and, with `return_weights`,
     the probabilities `[B, Hq, q, kv]` in q's dtype). Without `return_weights`, long queries (a first
-    prefill) run EAGER_BLOCK rows at a time, so the fp32 scores take `[B, Hq, EAGER_BLOCK, kv]`."""
-    L, first = q.shape[2], k.shape[2] - q.shape[2]  # query i sits at key position first + i
-    if return_weights or L <= EAGER_BLOCK:
+    prefill) run a block of rows at a time, so the fp32 scores of a block take about EAGER_BLOCK_BYTES."""
+    B, Hq, L, _ = q.shape
+    first = k.shape[2] - L  # query i sits at key position first + i
+    rows = max(1, EAGER_BLOCK_BYTES // (4 * B * Hq * k.shape[2]))
+    if return_weights or L <= rows:
         return _eager_rows(q, k, v, mask, scaling, softcap, return_weights, sinks, first)
     return torch.cat([
-        _eager_rows(q[:, :, i : i + EAGER_BLOCK], k, v, None if mask is None else mask[..., i : i + EAGER_BLOCK, :],
+        _eager_rows(q[:, :, i : i + rows], k, v,
+                    mask if mask is None or mask.shape[-2] == 1 else mask[..., i : i + rows, :],
                     scaling, softcap, False, sinks, first + i)
-        for i in range(0, L, EAGER_BLOCK)
+        for i in range(0, L, rows)
     ], 1)
 
 
@@ -52,19 +56,19 @@ def _eager_rows(q, k, v, mask, scaling, softcap, return_weights, sinks, first):
     B, Hq, L, D = q.shape
     G = Hq // k.shape[1]
     qf = q.float().view(B, k.shape[1], G, L, D)
-    s = torch.einsum("bhgqd,bhkd->bhgqk", qf, k.float()) * scaling
+    s = torch.einsum("bhgqd,bhkd->bhgqk", qf, k.float()).mul_(scaling)  # in place: s is the big temporary
     if softcap:
-        s = softcap * torch.tanh(s / softcap)
+        s.div_(softcap).tanh_().mul_(softcap)
     if mask is None and first < k.shape[2] - 1:
         # The mask function returns None for an unpadded causal batch (SDPA then sets is_causal).
         mask = torch.ones(L, k.shape[2], dtype=torch.bool, device=q.device).tril(first)[None, None]
     if mask is not None:
-        s = s.masked_fill(~_group_mask(mask, k.shape[1], G), float("-inf"))
+        s.masked_fill_(~_group_mask(mask, k.shape[1], G), float("-inf"))
     if sinks is not None:
         sink = sinks.float().view(1, k.shape[1], G, 1, 1).expand(*s.shape[:-1], 1)
-        p = torch.softmax(torch.cat([s, sink], -1), dim=-1)[..., :-1]
-    else:
-        p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # fully masked rows (padding queries) give 0
+        s = torch.cat([s, sink], -1)
+    # fully masked rows (padding queries) give 0
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)[..., : k.shape[2]]
     o = torch.einsum("bhgqk,bhkd->bhgqd", p, v.float())
     o = o.reshape(B, Hq, L, D).transpose(1, 2).to(q.dtype)
     if return_weights:
