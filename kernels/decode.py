@@ -499,26 +499,24 @@ def plan_splits(n_quant: int, programs_per_split: int, num_sms: int, block_n: in
     return -(-n_quant // chunk), chunk
 
 
-def _launch_shape(klook: int, vlook: int, kbits: int, vbits: int, split: bool, qjl: bool, block_d: int,
-                  positions: int) -> tuple[int, int, int]:
+def _launch_shape(klook: int, vlook: int, kbits: int, vbits: int, split: bool, qjl: bool,
+                  block_d: int) -> tuple[int, int, int]:
     """(block_n, num_warps, num_stages): stage 1's default launch, the best measured on an H200
     (`kernels/PERF_NOTES.md`), from how the key / value codes are read (`_code_table`'s lookups), their bits,
-    split codes, QJL keys, BLOCK_D and the quantized positions over all (batch row, kv head) pairs.
+    split codes, QJL keys and BLOCK_D.
     - Register lookups at D = 128: 256-token tiles, 4 warps; two stages where keys and values are both looked
-      up in registers (4bit, 3bit, k4v3), one for split codes and QJL keys. 4-bit keys and values over at
-      least 2**19 positions: 128-token tiles, 8 warps, three stages (1.03-1.08x faster there, slower below).
+      up in registers (4bit, 3bit, k4v3), one for split codes and QJL keys.
     - D = 64 with 4 bits: 128-token tiles, two stages.
     - Otherwise 128 tokens, 4 warps, one stage, except 64 tokens and 8 warps for pair tables and gathers at
       D = 256. More stages made every other path slower (up to 2.7x)."""
     registers = REGISTERS.value in (klook, vlook)
     both = klook == vlook == REGISTERS.value and not split and not qjl
     lut4 = both and kbits == vbits == 4 and block_d <= 128
-    deep = lut4 and block_d == 128 and positions >= 1 << 19
-    wide = block_d == 128 and registers and not deep
+    wide = block_d == 128 and registers
     small = block_d <= 128 or registers
     block_n = 256 if wide else 128 if small else 64
-    num_warps = 8 if deep else 4 if small else 8
-    num_stages = 3 if deep else 2 if lut4 or (wide and both) else 1
+    num_warps = 4 if small else 8
+    num_stages = 2 if lut4 or (wide and both) else 1
     return block_n, num_warps, num_stages
 
 
@@ -590,7 +588,7 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
 
     (tab_k, klook), (tab_v, vlook) = table(cent_k, kbits, layer.n_quant), table(cent_v, vbits, layer.n_quant)
     (tab_k2, klook2), (tab_v2, vlook2) = table(cent_k2, kbits2, split), table(cent_v2, vbits2, split)
-    shape = _launch_shape(klook, vlook, kbits, vbits, split, layer.config.key_qjl, BLOCK_D, B * Hkv * layer.n_quant)
+    shape = _launch_shape(klook, vlook, kbits, vbits, split, layer.config.key_qjl, BLOCK_D)
     block_n, num_warps, num_stages = (x if x is not None else d for x, d in zip((block_n, num_warps, num_stages), shape))
     registers = REGISTERS.value in (klook, vlook)
     if block_n < 32 or block_n & (block_n - 1):
