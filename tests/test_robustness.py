@@ -12,7 +12,7 @@ import torch
 from conftest import PAD, VOCAB, cache_kw, greedy_kwargs, left_padded_batch, make_model
 from transformers import DynamicCache
 
-from tq_hf import TurboQuantCache, TurboQuantizer
+from tq_hf import TurboQuantCache, TurboQuantizer, TurboQuantLayer
 from tq_hf.cache import MAX_ABS
 
 D = 64
@@ -41,9 +41,15 @@ def layer_of(**kw):
         ((), {"skip_layers": (-1,)}, ValueError, r"model_config=model.config"),
         ((3,), {}, TypeError, r"TurboQuantConfig or a preset name"),
         ((), {"bits": 4}, TypeError, r"bits"),
+        ((), {"key_bits": 4.0}, ValueError, r"key_bits=4.0 .*valid values"),
+        ((), {"seed": -1}, ValueError, r"seed must be an int >= 0"),
+        ((), {"seed": "x"}, ValueError, r"seed must be an int >= 0"),
+        ((), {"skip_layers": 0}, ValueError, r"skip_layers must be a tuple of ints"),
+        ((), {"key_mean_centering": "no"}, TypeError, r"key_mean_centering must be a bool"),
+        ((), {"norm_correction": 1}, TypeError, r"norm_correction must be a bool"),
     ],
     ids=["preset", "key_bits0", "value_bits9", "float_bits", "bool_bits", "backend", "residual", "neg_skip",
-         "config_type", "unknown_field"],
+         "config_type", "unknown_field", "float_int_bits", "neg_seed", "str_seed", "int_skip", "str_flag", "int_flag"],
 )
 def test_bad_configuration_names_valid_values(args, kwargs, exc, match):
     with pytest.raises(exc, match=match):
@@ -320,3 +326,93 @@ def test_quantizer_rejects_bad_dims_directly():
     with pytest.raises(ValueError, match=r"bits must be one of"):
         TurboQuantizer(64, 0)
     assert PAD == 0  # conftest's padding id, used by greedy_kwargs above
+
+
+# ------------------------------------------------------------------ reset, switching, saving, shared KV
+@pytest.mark.parametrize("family, kwargs", [("llama3", {"skip_layers": (0,)}), ("gemma3", {"model_config": True})])
+def test_reset_rebuilds_transformers_layers(family, kwargs):
+    """A cache holding transformers' own layers (a skipped layer; sliding layers kept from model_config) is as
+    good as new after reset(): transformers 5.17's DynamicLayer.reset() zeroes its tensors but keeps their length."""
+    from _families import family_model
+
+    model = family_model(family, "turboquant")
+    ids, mask = left_padded_batch((9, 6))
+    kw = {**kwargs, "model_config": model.config} if kwargs.get("model_config") else kwargs
+
+    def run(cache):
+        return model.generate(ids, attention_mask=mask, **greedy_kwargs(4), **cache_kw(cache))
+
+    cache = TurboQuantCache("8bit", residual_length=2, **kw)
+    run(cache)
+    assert any(not isinstance(layer, TurboQuantLayer) for layer in cache.layers)
+    cache.reset()
+    assert cache.get_seq_length() == 0
+    assert torch.equal(run(cache), run(TurboQuantCache("8bit", residual_length=2, **kw)))
+
+
+def test_attention_switched_away_from_turboquant_mid_cache():
+    """Prefill under "turboquant", then one forward under SDPA: the cache hands SDPA the full keys and values
+    (nothing quantized here, so the logits equal DynamicCache's), and switching back works too."""
+    model = make_model("llama", "turboquant", seed=3)
+    ids = torch.randint(3, VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
+    nxt = torch.randint(3, VOCAB, (1, 2), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        dense = DynamicCache()
+        model(ids, **cache_kw(dense))
+        ref = [model(nxt[:, i : i + 1], **cache_kw(dense)).logits for i in range(2)]
+        cache = TurboQuantCache(residual_length=1000)
+        model(ids, **cache_kw(cache))
+        model.set_attn_implementation("sdpa")
+        out = [model(nxt[:, :1], **cache_kw(cache)).logits]
+        model.set_attn_implementation("turboquant")
+        out.append(model(nxt[:, 1:], **cache_kw(cache)).logits)
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert all(layer.fast_path for layer in cache.layers)
+
+
+def test_used_cache_saves_and_loads(tmp_path):
+    """torch.save / torch.load of a cache the "turboquant" attention has read (its weak reference to the module
+    is dropped) continues exactly as the original."""
+    model = make_model("llama", "turboquant", seed=3)
+    ids = torch.randint(3, VOCAB, (1, 40), generator=torch.Generator().manual_seed(0))
+    cache = TurboQuantCache(residual_length=4)
+    with torch.no_grad():
+        model(ids, **cache_kw(cache))
+        torch.save(cache, tmp_path / "cache.pt")
+        loaded = torch.load(tmp_path / "cache.pt", weights_only=False)
+        nxt = ids[:, :1]
+        torch.testing.assert_close(model(nxt, **cache_kw(loaded)).logits, model(nxt, **cache_kw(cache)).logits,
+                                   rtol=0, atol=0)
+
+
+def test_skip_layers_beyond_the_model():
+    cfg = make_model("llama").config
+    with pytest.raises(ValueError, match=r"skip_layers=\(2,\): this model has 2 layers \(-2 to 1\)"):
+        TurboQuantCache(skip_layers=(2,), model_config=cfg)
+    assert len(TurboQuantCache(skip_layers=(-2, 1), model_config=cfg).layers) == 2
+
+
+def test_kv_shared_layers_read_the_layer_they_share():
+    """Gemma 4's KV-shared layers attend over the keys and values an earlier layer stored: the "turboquant"
+    attention reads that layer's codes for them (no owner conflict), with the tokens SDPA gets from the cache."""
+    import transformers
+
+    if not hasattr(transformers, "Gemma4TextConfig"):
+        pytest.skip("this transformers has no Gemma 4")
+    cfg = transformers.Gemma4TextConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, global_head_dim=32, sliding_window=8, num_kv_shared_layers=2,
+        layer_types=["sliding_attention", "full_attention"] * 2, vocab_size_per_layer_input=VOCAB,
+        hidden_size_per_layer_input=16, pad_token_id=PAD, tie_word_embeddings=True)
+    from _families import build
+
+    model = build(cfg, "sdpa")
+    ids = torch.randint(3, VOCAB, (1, 14), generator=torch.Generator().manual_seed(0))
+    for make in (lambda: TurboQuantCache(residual_length=1000), lambda: TurboQuantCache("8bit", residual_length=2)):
+        model.set_attn_implementation("sdpa")
+        ref = model.generate(ids, **greedy_kwargs(8), **cache_kw(make()))
+        model.set_attn_implementation("turboquant")
+        cache = make()
+        assert torch.equal(model.generate(ids, **greedy_kwargs(8), **cache_kw(cache)), ref)
+        assert any(layer.n_quant for layer in cache.layers) == (cache.config.residual_length == 2)

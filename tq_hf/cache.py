@@ -357,6 +357,14 @@ class TurboQuantLayer(CacheLayerMixin):
             if fresh:  # a refused first update leaves no buffers and no shape behind
                 self._clear()
             raise
+        owner = self._owner() if self._owner is not None else None
+        if owner is not None:
+            # The model that claimed the layer may switch attention implementations between steps: another one
+            # needs the full K/V from this update on (it would otherwise get the bare new chunk), "turboquant"
+            # reads the codes again.
+            impl = getattr(getattr(owner, "config", None), "_attn_implementation", "turboquant")
+            self.fast_path = impl == "turboquant"
+            self._awaiting_attention = False
         if self.fast_path and self._awaiting_attention:
             raise RuntimeError(
                 f"layer {self.layer_idx} of this TurboQuantCache is read by the 'turboquant' attention, but its "
@@ -383,8 +391,10 @@ class TurboQuantLayer(CacheLayerMixin):
         """Called by the "turboquant" attention: from now on it reads this layer's codes itself.
 
         `module` is the attention module reading the layer. A layer serves one module until `reset()`:
-        another module (a second model reusing the cache) raises instead of reading foreign keys."""
-        if module is not None:
+        another module (a second model reusing the cache) raises instead of reading foreign keys. KV-shared
+        layers (Gemma 3n / 4: `is_kv_shared_layer`) attend over the keys and values an earlier layer
+        stored: they read the layer without owning it."""
+        if module is not None and not getattr(module, "is_kv_shared_layer", False):
             if self._owner is None:
                 self._owner = weakref.ref(module)
             elif self._owner() is not module:
@@ -525,6 +535,11 @@ class TurboQuantLayer(CacheLayerMixin):
             return 0
         return 2 * self.batch_size * self.num_heads * self.get_seq_length() * self.head_dim * 2
 
+    def __getstate__(self):
+        # torch.save / pickle: the weak reference to the owning module cannot be pickled; a loaded layer is
+        # claimed again by the first attention module that reads it.
+        return {**self.__dict__, "_owner": None}
+
     def __deepcopy__(self, memo):
         new = self.__class__.__new__(self.__class__)
         memo[id(self)] = new
@@ -581,8 +596,11 @@ class TurboQuantCache(Cache):
         self.config = config.replace(**overrides) if overrides else config
         self._num_layers = None
         layers = []
+        self._model_config = model_config
         if model_config is not None:
-            self._num_layers = model_config.get_text_config(decoder=True).num_hidden_layers
+            self._num_layers = n = model_config.get_text_config(decoder=True).num_hidden_layers
+            if any(not -n <= i < n for i in self.config.skip_layers):
+                raise ValueError(f"skip_layers={self.config.skip_layers}: this model has {n} layers (-{n} to {n - 1})")
             # transformers' own choice per layer (full, sliding/chunked, linear attention, shared KV, ...).
             reference = DynamicCache(config=model_config).layers
             layers = [self._from_reference(i, layer) for i, layer in enumerate(reference)]
@@ -615,6 +633,17 @@ class TurboQuantCache(Cache):
                 "(model_config): a cache serves one model. Make a new cache for this model."
             )
         return DynamicLayer() if self._skipped(idx) else TurboQuantLayer(self.config, layer_idx=idx)
+
+    def reset(self) -> None:
+        """Empty every layer: the cache is then as good as a new one. transformers' own layers (skipped
+        layers, sliding-window or linear-attention layers kept from `model_config`) are rebuilt, as 5.17's
+        `DynamicLayer.reset()` zeroes its tensors but keeps their length."""
+        fresh = DynamicCache(config=self._model_config).layers if self._model_config is not None else None
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, TurboQuantLayer):
+                layer.reset()
+            else:
+                self.layers[i] = self._from_reference(i, fresh[i]) if fresh is not None else DynamicLayer()
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         while len(self.layers) <= layer_idx:
