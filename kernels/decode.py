@@ -544,6 +544,10 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
     Returns:
         `[B, 1, Hq, D]` in query's dtype.
     """
+    if not layer.is_initialized or layer.get_seq_length() == 0:
+        raise ValueError("decode_attention needs a layer holding at least one token")
+    if query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"query must be fp16, bf16 or fp32, got {query.dtype}")
     B, Hq, L, D = query.shape
     Hkv = layer.num_heads
     if L != 1:
@@ -554,8 +558,10 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
     if query.device != layer.device:
         raise ValueError(f"query on {query.device}, cache on {layer.device}")
     total = layer.get_seq_length()
-    if mask is not None and (mask.dim() != 2 or mask.shape[0] != B or mask.shape[1] < total):
-        raise ValueError(f"mask must be [B, >= {total}], got {tuple(mask.shape)}")
+    if mask is not None and (mask.dtype != torch.bool or mask.dim() != 2 or mask.shape[0] != B
+                             or mask.shape[1] < total or mask.device != query.device):
+        raise ValueError(f"mask must be bool [B, >= {total}] on {query.device} (True = attend), got {mask.dtype} "
+                         f"{tuple(mask.shape)} on {mask.device}")
     if sinks is not None and (sinks.shape != (Hq,) or sinks.device != query.device or not sinks.is_floating_point()
                               or not sinks.is_contiguous()):
         raise ValueError(f"sinks must be a contiguous float tensor [{Hq}] on {query.device}, got "

@@ -184,6 +184,16 @@ def _check_planes(codes, norms, quantizer):
         raise ValueError("norms must be fp32 [B, H, C] matching codes")
 
 
+def _check_mean(mean, H, D, device):
+    """The kernels read `mean` as contiguous fp32 `[H, D]`; anything else is refused or converted."""
+    if mean is None:
+        return None
+    if mean.shape != (H, D) or not mean.is_floating_point() or mean.device != device:
+        raise ValueError(f"mean must be a float tensor [{H}, {D}] on {device}, got {mean.dtype} "
+                         f"{tuple(mean.shape)} on {mean.device}")
+    return mean.float().contiguous()  # no copy for the cache's own (contiguous fp32) means
+
+
 def quantize_pack(x, quantizer, codes, norms, offset, mean=None, qjl=None, block_t=16):
     """Quantize `x` `[B, H, T, D]` with `quantizer` (minus `mean` `[H, D]` if given) and write
     codes/norms at positions [offset, offset + T) of `codes` `[B, H, C, D*mse_bits/8]` / `norms`
@@ -191,8 +201,9 @@ def quantize_pack(x, quantizer, codes, norms, offset, mean=None, qjl=None, block
     norm into `qjl` = (sketch `[B, H, C, D/8]` uint8, residual norms `[B, H, C]` fp32)."""
     _check_planes(codes, norms, quantizer)
     B, H, T, D = x.shape
-    if D != quantizer.dim or codes.shape[:2] != (B, H) or offset + T > codes.shape[2]:
+    if D != quantizer.dim or codes.shape[:2] != (B, H) or not 0 <= offset <= codes.shape[2] - T:
         raise ValueError(f"x {tuple(x.shape)} does not fit codes {tuple(codes.shape)} at offset {offset}")
+    mean = _check_mean(mean, H, D, x.device)
     prod = quantizer.mode == "prod"
     if prod != (qjl is not None):
         raise ValueError("qjl planes are written for, and only for, a quantizer in 'prod' mode")
@@ -230,8 +241,9 @@ def dequantize(codes, norms, quantizer, start, out, mean=None, block_t=32):
     mse reconstruction alone, as `TurboQuantizer.dequantize`: the QJL term is never added back."""
     _check_planes(codes, norms, quantizer)
     B, H, T, D = out.shape
-    if D != quantizer.dim or codes.shape[:2] != (B, H) or start + T > codes.shape[2]:
+    if D != quantizer.dim or codes.shape[:2] != (B, H) or not 0 <= start <= codes.shape[2] - T:
         raise ValueError(f"out {tuple(out.shape)} does not fit codes {tuple(codes.shape)} at start {start}")
+    mean = _check_mean(mean, H, D, out.device)
     if T == 0:
         return out
     rot, cent, _ = quantizer.tensors(codes.device)

@@ -351,6 +351,46 @@ def test_decode_window_only_and_deterministic(request):
     assert torch.equal(a, b) and not torch.equal(a, out)
 
 
+def test_launchers_refuse_what_they_would_misread(request):
+    """Inputs the kernels would read wrongly are refused with a message: non-bool decode masks (an int64 or
+    additive float mask read as bytes), fp64 queries, an empty layer, negative or overflowing offsets, means
+    that are not [H, D] floats on the device. A non-contiguous fp16 mean is converted, not misread."""
+    _seed(request)
+    layer = _make_layer(2, 2, 64, 20, 4, torch.float32)
+    q = torch.randn(2, 8, 1, 64, device=DEV)
+    n = layer.get_seq_length()
+    for bad in (torch.ones(2, n, dtype=torch.int64, device=DEV), torch.zeros(2, n, device=DEV)):
+        with pytest.raises(ValueError, match="mask must be bool"):
+            decode_attention(q, layer, bad)
+    with pytest.raises(ValueError, match="query must be fp16, bf16 or fp32"):
+        decode_attention(q.double(), layer)
+    with pytest.raises(ValueError, match="at least one token"):
+        decode_attention(q, _empty_layer())
+    qz = layer.key_quantizer
+    x = torch.randn(2, 2, 3, 64, device=DEV)
+    codes, norms = layer.k_codes, layer.k_norms
+    for offset in (-1, codes.shape[2] - 2):
+        with pytest.raises(ValueError, match="does not fit codes"):
+            quantize_pack(x, qz, codes, norms, offset)
+    out = torch.empty(2, 2, 3, 64, device=DEV)
+    with pytest.raises(ValueError, match="does not fit codes"):
+        dequantize(codes, norms, qz, -1, out)
+    for bad in (torch.zeros(64, device=DEV), torch.zeros(2, 64, dtype=torch.int32, device=DEV)):
+        with pytest.raises(ValueError, match=r"mean must be a float tensor \[2, 64\]"):
+            quantize_pack(x, qz, codes, norms, 0, mean=bad)
+    mean = torch.randn(64, 2, device=DEV)
+    dequantize(codes, norms, qz, 0, out, mean=mean.t().half())
+    ref = torch.empty_like(out)
+    dequantize(codes, norms, qz, 0, ref, mean=mean.t().half().float().contiguous())
+    assert torch.equal(out, ref)
+
+
+def _empty_layer():
+    from tq_hf import TurboQuantLayer
+
+    return TurboQuantLayer(TurboQuantConfig(backend="triton"), layer_idx=0)
+
+
 def test_pair_tables():
     """Where the decode kernel does not look codes up in registers (CPU here), it gathers 2-4-bit codes of
     word rows two at a time from T[c0 | c1 << s] = (cent[c0], cent[c1]) (s = 4 at 3 and 4 bits, the nibbles of

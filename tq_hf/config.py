@@ -57,7 +57,7 @@ class TurboQuantConfig:
     def __post_init__(self):
         for name in ("key_bits", "value_bits"):
             bits = getattr(self, name)
-            if isinstance(bits, bool) or bits not in VALID_BITS:
+            if type(bits) is not int or bits not in VALID_BITS:  # not 4.0 or True
                 raise ValueError(f"{name}={bits!r} is not supported; valid values are {list(VALID_BITS)}")
         if isinstance(self.residual_length, bool) or not isinstance(self.residual_length, int) or (
             self.residual_length < 0
@@ -70,14 +70,17 @@ class TurboQuantConfig:
         if self.outlier_fraction and max(self.key_bits, self.value_bits) == 8:
             raise ValueError("outlier channels take one more bit than the others: key_bits and value_bits must be "
                              "<= 7 with outlier_fraction > 0")
-        if not isinstance(self.key_qjl, bool):
-            raise TypeError(f"key_qjl must be a bool, got {self.key_qjl!r}")
+        for name in ("key_mean_centering", "norm_correction", "key_qjl"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if type(self.seed) is not int or self.seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
         if self.key_qjl and (self.key_bits < 2 or self.outlier_fraction):
             raise ValueError("key_qjl needs key_bits >= 2 (one bit is the QJL sketch) and no outlier_fraction; got "
                              f"key_bits={self.key_bits}, outlier_fraction={self.outlier_fraction}")
         if self.backend not in VALID_BACKENDS:
             raise ValueError(f"backend={self.backend!r} is not valid; choose one of {list(VALID_BACKENDS)}")
-        if not all(isinstance(i, int) and not isinstance(i, bool) for i in self.skip_layers):
+        if not isinstance(self.skip_layers, (tuple, list)) or not all(type(i) is int for i in self.skip_layers):
             raise ValueError(f"skip_layers must be a tuple of ints, got {self.skip_layers!r}")
         object.__setattr__(self, "skip_layers", tuple(self.skip_layers))
 
