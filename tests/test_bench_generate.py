@@ -158,6 +158,8 @@ def test_command_line_wiring(capsys):
         assert bench.main_generate(["--device", "cuda"]) == 2
     assert bench.main_generate(["--layers", "0"]) == 2
     assert bench.main_generate(["--gpus", "0"]) == 2
+    for bad in (["--warmup", "-1"], ["--attn-steps", "-1"], ["--head-dim", "0"], ["--plot-only", "/nonexistent.json"]):
+        assert bench.main_generate(bad) == 2
     assert bench.main([]) == 2
     if torch.cuda.device_count() < 2:  # a split over more GPUs than there are is refused before any work
         with pytest.raises(ValueError, match="needs 2 CUDA devices"):

@@ -8,6 +8,7 @@ import json
 import pathlib
 
 import pytest
+import torch
 
 from tq_hf import evaluate as ev
 from tq_hf.models import ByteTokenizer, tiny_llama
@@ -132,6 +133,18 @@ def test_cli_on_reference_model(tmp_path, capsys):
 def test_cli_unknown_preset(capsys):
     assert ev.main(["--presets", "4bit,nope"]) == 2
     assert "nope" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--residual-length", "-1"], "residual_length must be an int >= 0"),
+    (["--seq-len", "10", "--prefix-len", "32"], "--prefix-len must be in"),
+    (["--passkey-depths", "1.5"], "--passkey-depths must lie in"),
+    (["--texts", "/nonexistent/file.txt"], "No such file"),
+] + ([(["--device", "cuda"], "no CUDA device")] if not torch.cuda.is_available() else []))
+def test_cli_bad_arguments_are_one_line_errors(capsys, args, message):
+    assert ev.main(["--presets", "4bit", "--no-passkey", "--no-centring-ablation", "--no-bf16-row", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and "Loading weights" not in err  # refused before loading
 
 
 def test_package_cli_names_its_own_command(capsys):

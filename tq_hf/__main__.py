@@ -72,6 +72,9 @@ def demo(args) -> int:
     try:
         device = resolve_device(args.device)
         dtype = resolve_dtype(args.dtype, device)
+    except ModelLoadError as e:
+        raise UsageError(str(e)) from None
+    try:
         path = {None: "reference", "random": None}.get(args.model, args.model)
         model, tokenizer, name = load_model(path, device, dtype, seed=args.seed)
     except ModelLoadError as e:

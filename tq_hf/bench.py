@@ -1080,13 +1080,16 @@ def _slug(text: str) -> str:
 def run_generate(args: argparse.Namespace) -> int:
     """`bench generate`: run `bench_generate` with parsed `args`, print the table, write the files."""
     if args.plot_only:
+        if not os.path.isfile(args.plot_only):
+            print(f"bench generate: error: --plot-only {args.plot_only!r} is not a file", file=sys.stderr)
+            return 2
         png = os.path.splitext(args.plot_only)[0] + ".png"
         print(plot_generate(args.plot_only, png))
         return 0
-    for flag in ("steps", "layers", "gpus"):
-        v = getattr(args, flag)
-        if v is not None and v < 1:
-            print(f"bench generate: error: --{flag} must be >= 1, got {v}", file=sys.stderr)
+    for flag, low in (("steps", 1), ("layers", 1), ("gpus", 1), ("head_dim", 8), ("warmup", 0), ("attn_steps", 0)):
+        v = getattr(args, flag, None)
+        if v is not None and v < low:
+            print(f"bench generate: error: --{flag.replace('_', '-')} must be >= {low}, got {v}", file=sys.stderr)
             return 2
     if args.device == "cuda" and not torch.cuda.is_available():
         print("bench generate: error: --device cuda but no CUDA device is available", file=sys.stderr)

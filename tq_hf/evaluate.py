@@ -482,20 +482,40 @@ def _load(model_path, dtype, device):
 
 def main(argv=None, prog: str = "python -m tq_hf.evaluate") -> int:
     """Command line (see `build_parser`); `python -m tq_hf eval` can call `main(argv, prog=...)`.
-    Prints the table, writes eval.json/eval.csv to --out; returns 0, or 2 for an unknown preset."""
+    Prints the table, writes eval.json/eval.csv to --out; returns 0, or 2 with a one-line error for bad
+    arguments (an unknown preset, a device this machine lacks, a missing text file, settings the cache or
+    the evaluation refuses)."""
     args = build_parser(prog).parse_args(argv)
     presets = [p for p in args.presets.split(",") if p]
     bad = [p for p in presets if p not in PRESETS]
     if bad:
         print(f"error: unknown preset(s) {bad}; valid presets: {', '.join(PRESETS)}", file=sys.stderr)
         return 2
-    model, tok = _load(args.model, getattr(torch, args.dtype), torch.device(args.device))
+    try:
+        return _run(args, presets, prog, argv)
+    except (ValueError, OSError) as e:
+        print(f"{prog}: error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+
+
+def _run(args, presets, prog, argv) -> int:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: this machine has no CUDA device")
+    if not 0 < args.prefix_len < args.seq_len:
+        raise ValueError(f"--prefix-len must be in [1, --seq-len), got {args.prefix_len} and {args.seq_len}")
+    if not all(0 <= d <= 1 for d in args.passkey_depths):
+        raise ValueError(f"--passkey-depths must lie in [0, 1], got {args.passkey_depths}")
+    if args.residual_length is not None:  # the presets' own checks, before the model loads
+        for p in presets:
+            PRESETS[p].replace(residual_length=args.residual_length)
     if args.texts:
         texts = [pathlib.Path(f).read_bytes().decode("utf-8", errors="replace") for f in args.texts]
     else:
         from .train import eval_texts
 
         texts = eval_texts()
+    model, tok = _load(args.model, getattr(torch, args.dtype), device)
     result = evaluate(model, tok, texts, presets, seq_len=args.seq_len, prefix_len=args.prefix_len,
                       centring_ablation=not args.no_centring_ablation, bf16_row=not args.no_bf16_row,
                       residual_length=args.residual_length, backend=args.backend, qjl_ablation=args.qjl_ablation,
