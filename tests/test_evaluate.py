@@ -162,6 +162,13 @@ def test_default_configs():
     assert rows[0].config.residual_length == 0 and rows[1].config.backend == "torch"
     assert not rows[1].config.key_mean_centering
     assert len(ev.default_configs(None, centring_ablation=False)) == len(__import__("tq_hf").PRESETS)
+    # configs get names of their own (rows are keyed by name: two "custom" rows once overwrote each other)
+    from tq_hf import TurboQuantConfig
+
+    rows = ev.default_configs([TurboQuantConfig(seed=1), "4bit", TurboQuantConfig(seed=2)], centring_ablation=False)
+    assert [r.name for r in rows] == ["custom 1", "4bit", "custom 2"] and rows[2].config.seed == 2
+    with pytest.raises(ValueError, match="name a preset twice"):
+        ev.default_configs(["4bit", "3bit", "4bit"])
 
 
 def test_qjl_ablation_rows():

@@ -84,13 +84,20 @@ class EvalConfig:
 
 def default_configs(presets=None, centring_ablation: bool = True, residual_length: int | None = None,
                     backend: str = "auto", qjl_ablation: bool = False) -> list[EvalConfig]:
-    """Rows for `presets` (names or `TurboQuantConfig`s; default: every preset in `PRESETS`), each
-    followed by its copy without key mean-centring when `centring_ablation`, and by its copy with
-    `key_qjl=True` when `qjl_ablation` (presets whose keys allow it: >= 2 bits, no outlier split)."""
+    """Rows for `presets` (names or `TurboQuantConfig`s, which are named "custom 1", "custom 2", ...;
+    default: every preset in `PRESETS`), each followed by its copy without key mean-centring when
+    `centring_ablation`, and by its copy with `key_qjl=True` when `qjl_ablation` (presets whose keys
+    allow it: >= 2 bits, no outlier split)."""
     presets = list(PRESETS) if presets is None else list(presets)
-    rows = []
+    if len({p for p in presets if isinstance(p, str)}) < sum(isinstance(p, str) for p in presets):
+        raise ValueError(f"presets {presets} name a preset twice: rows are keyed by name")
+    rows, customs = [], 0
     for p in presets:
-        name, cfg = (p, TurboQuantConfig.from_preset(p)) if isinstance(p, str) else ("custom", p)
+        if isinstance(p, str):
+            name, cfg = p, TurboQuantConfig.from_preset(p)
+        else:
+            customs += 1
+            name, cfg = f"custom {customs}", p
         over = {"backend": backend}
         if residual_length is not None:
             over["residual_length"] = residual_length
