@@ -68,7 +68,7 @@ def _eager_rows(q, k, v, mask, scaling, softcap, return_weights, sinks, first):
         sink = sinks.float().view(1, k.shape[1], G, 1, 1).expand(*s.shape[:-1], 1)
         s = torch.cat([s, sink], -1)
     # fully masked rows (padding queries) give 0
-    p = torch.softmax(s, dim=-1).nan_to_num(0.0)[..., : k.shape[2]]
+    p = torch.softmax(s, dim=-1).nan_to_num_(0.0)[..., : k.shape[2]]
     o = torch.einsum("bhgqk,bhkd->bhgqd", p, v.float())
     o = o.reshape(B, Hq, L, D).transpose(1, 2).to(q.dtype)
     if return_weights:
