@@ -1087,7 +1087,7 @@ def run_generate(args: argparse.Namespace) -> int:
         print(plot_generate(args.plot_only, png))
         return 0
     for flag, low in (("steps", 1), ("layers", 1), ("gpus", 1), ("head_dim", 8), ("warmup", 0), ("attn_steps", 0)):
-        v = getattr(args, flag, None)
+        v = getattr(args, flag)
         if v is not None and v < low:
             print(f"bench generate: error: --{flag.replace('_', '-')} must be >= {low}, got {v}", file=sys.stderr)
             return 2

@@ -509,13 +509,12 @@ def _run(args, presets, prog, argv) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: this machine has no CUDA device")
-    if not 0 < args.prefix_len < args.seq_len:
-        raise ValueError(f"--prefix-len must be in [1, --seq-len), got {args.prefix_len} and {args.seq_len}")
+    if not 1 <= args.prefix_len < args.seq_len - 1:  # `_teacher_forced`'s bound, checked before the model loads
+        raise ValueError(f"--prefix-len must be in [1, --seq-len - 2], got {args.prefix_len} and {args.seq_len}")
     if not all(0 <= d <= 1 for d in args.passkey_depths):
         raise ValueError(f"--passkey-depths must lie in [0, 1], got {args.passkey_depths}")
-    if args.residual_length is not None:  # the presets' own checks, before the model loads
-        for p in presets:
-            PRESETS[p].replace(residual_length=args.residual_length)
+    if args.residual_length is not None:  # TurboQuantConfig's own check, before the model loads
+        TurboQuantConfig(residual_length=args.residual_length)
     if args.texts:
         texts = [pathlib.Path(f).read_bytes().decode("utf-8", errors="replace") for f in args.texts]
     else:
