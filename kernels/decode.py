@@ -604,9 +604,10 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
     mid_o = ws.get("decode_mid_o", (B, Hq, S + 1, BLOCK_D), torch.float32)
     mid_l = ws.get("decode_mid_lse", (B, Hq, S + 1), torch.float32)
     out = torch.empty(B, 1, Hq, D, dtype=query.dtype, device=query.device)
-    # Before the first flush there are no code planes, and without a window no window planes: any
-    # tensor of the right dtype stands in (never read: no quantized split runs / the window is empty).
-    kc = layer.k_codes if layer.k_codes is not None else ws.get("decode_no_codes", (1, 1, 1, 1), torch.uint8)
+    # Before the first flush there are no code planes, and without a window no window planes: a tensor
+    # already at hand of the right dtype and rank stands in (never read: no quantized split runs / the
+    # window is empty), so the workspace holds scratch only.
+    kc = layer.k_codes if layer.k_codes is not None else mid_o.view(torch.uint8)
     kn = layer.k_norms if layer.k_norms is not None else rot_k.view(1, 1, -1)
     vc = layer.v_codes if layer.v_codes is not None else kc
     vn = layer.v_norms if layer.v_norms is not None else kn
@@ -616,9 +617,9 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
     qjl = layer.config.key_qjl and layer.n_quant > 0
     k_sketch, k_rnorm = (layer.k_qjl, layer.k_rnorm) if qjl else (kc, kn)
     s_qjl = kq.qjl_tensor(query.device) if qjl else rot_k
-    kw = layer.k_win if layer.k_win is not None else ws.get("decode_no_window", (1, 1, 1, 1), query.dtype)
+    kw = layer.k_win if layer.k_win is not None else query
     vw = layer.v_win if layer.v_win is not None else kw
-    mask_u8 = mask.view(torch.uint8) if mask is not None else ws.get("decode_no_mask", (1, 1), torch.uint8)
+    mask_u8 = mask.view(torch.uint8) if mask is not None else mid_l[0].view(torch.uint8)
     BLOCK_G = max(16, next_pow2(G))
     if maxnreg is None and BLOCK_D <= 128 and num_warps == 8 and not registers:
         maxnreg = 128

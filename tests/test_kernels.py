@@ -589,9 +589,14 @@ def test_workspace_shared_and_bounded(request):
     ws = get_workspace(DEV)
     ws.clear()  # earlier tests in this process sized it for their own, larger shapes
     layers = [_make_layer(2, 2, 64, t, 8, torch.bfloat16) for t in (30, 200, 700)]
+    # window only (no code planes yet) and codes only (no window): nothing stands in from the workspace
+    layers += [_make_layer(2, 2, 64, 3, 8, torch.bfloat16, decode_steps=1),
+               _make_layer(2, 2, 64, 40, 0, torch.bfloat16, decode_steps=0)]
+    assert layers[-2].k_codes is None and layers[-1].k_win is None
     q = torch.randn(2, 4, 1, 64, dtype=torch.bfloat16, device=DEV)
     for layer in layers:
         decode_attention(q, layer, None, 0.125)
+    assert set(ws._buffers) == {"decode_mid_o", "decode_mid_lse"}
     grown, size = ws.grow_count, ws.nbytes()
     ptr = ws._buffers["decode_mid_o"].data_ptr()
     for _ in range(2):
