@@ -48,7 +48,7 @@ def test_files_written(run):
         png = (out / "gen.png").read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     saved = json.loads((out / "gen.json").read_text())
-    assert len(saved["rows"]) == len(result["rows"]) == len(CONTEXTS) * len(BATCHES) * (2 + len(PRESETS))
+    assert len(saved["rows"]) == len(result["rows"]) == len(CONTEXTS) * len(BATCHES) * (3 + len(PRESETS))
     with open(out / "gen.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == len(saved["rows"])
@@ -65,10 +65,10 @@ def test_rows_sane(run):
     rows = result["rows"]
     by = {(r["system"], r["batch"], r["context"]): r for r in rows}
     systems = list(dict.fromkeys(r["system"] for r in rows))
-    assert systems[0] == "DynamicCache fp32 + SDPA"
-    assert systems[1].startswith("HF QuantizedCache")
-    assert systems[2:] == [f"TurboQuant {p}" for p in PRESETS]
-    hf = [r for r in rows if r["system"] == systems[1]]
+    assert systems[:2] == ["DynamicCache fp32 + SDPA", "DynamicCache fp32 + SDPA flash"]
+    assert systems[2].startswith("HF QuantizedCache")
+    assert systems[3:] == [f"TurboQuant {p}" for p in PRESETS]
+    hf = [r for r in rows if r["system"] == systems[2]]
     # transformers 5.17 has no installable backend here (quanto/hqq not installed, no fp8): a row says why.
     assert all(r["status"] == "ok" for r in hf) or all(r["status"].startswith("unavailable: ") for r in hf)
     for r in rows:
@@ -89,6 +89,9 @@ def test_rows_sane(run):
             assert tq["status"] == "ok", tq["status"]
             assert tq["cache_bytes"] < dense["cache_bytes"]
             assert tq["decode_speedup_vs_dense"] > 0 and tq["ttft_vs_dense"] > 0
+            flash = by[(systems[1], b, max(CONTEXTS))]
+            assert flash["status"] == "ok" and flash["cache_bytes"] == dense["cache_bytes"]
+            assert tq["decode_speedup_vs_flash"] == pytest.approx(tq["decode_tokens_per_s"] / flash["decode_tokens_per_s"])
     cap = {e["system"]: e for e in result["capacity"]}
     assert cap[systems[0]]["capacity_tokens"] > 0 and cap[systems[0]]["capacity_vs_dense"] == 1.0
     for p in PRESETS:
@@ -198,7 +201,7 @@ def test_local_checkpoint_with_fewer_layers(tmp_path):
     res = bench.bench_generate((80,), (1,), ("4bit",), model_path=str(tmp_path / "ckpt"), layers=2, device="cpu",
                                hf_backend="none", steps=1, warmup=0, attn_steps=0, warmup_context=8, progress=False)
     assert res["model"]["model"] == "ckpt (llama)" and res["model"]["layers"] == 2
-    assert [r["status"] for r in res["rows"]] == ["ok", "ok"]
+    assert [r["status"] for r in res["rows"]] == ["ok", "ok", "ok"]
     with pytest.raises(ValueError, match="not a folder"):
         bench.bench_generate((16,), (1,), model_path=str(tmp_path / "missing"), device="cpu", progress=False)
 

@@ -315,9 +315,17 @@ def _cache_kwarg(model) -> str:
 class _System:
     """One cache system of the benchmark: a name, the attention it runs with, and a cache factory."""
 
-    def __init__(self, name, attn, make_cache=None, unavailable=None, kind="dense", preset=None):
+    def __init__(self, name, attn, make_cache=None, unavailable=None, kind="dense", preset=None, sdpa_backend=None):
         self.name, self.attn, self.make_cache = name, attn, make_cache
         self.unavailable, self.kind, self.preset = unavailable, kind, preset
+        self.sdpa_backend = sdpa_backend  # an SDPBackend name SDPA is forced to while this system runs
+
+    def context(self):
+        if self.sdpa_backend is None:
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel(getattr(SDPBackend, self.sdpa_backend))
 
 
 def _installed(backend: str) -> bool:
@@ -358,8 +366,16 @@ def _hf_quantized_system(model, backend: str, nbits: int) -> _System:
 def _systems(model, presets, hf_backend, hf_nbits, tq_backend, dtype) -> list[_System]:
     from transformers import DynamicCache
 
-    systems = [_System(f"DynamicCache {_dtype_name(dtype)} + SDPA", "sdpa",
-                       lambda: DynamicCache(config=model.config), kind="dense")]
+    def dense():
+        return DynamicCache(config=model.config)
+
+    # SDPA as transformers calls it (torch picks the backend), and forced to FlashAttention: on an H200 with
+    # torch 2.11 SDPA's own choice for decode is cuDNN attention, whose host side takes milliseconds per
+    # call (it plans per shape, and every decode step has a new length), so the flash row is the baseline
+    # for the attention arithmetic.
+    systems = [_System(f"DynamicCache {_dtype_name(dtype)} + SDPA", "sdpa", dense),
+               _System(f"DynamicCache {_dtype_name(dtype)} + SDPA flash", "sdpa", dense,
+                       sdpa_backend="FLASH_ATTENTION")]
     if hf_backend != "none":
         systems.append(_hf_quantized_system(model, hf_backend, hf_nbits))
     for preset in presets:
@@ -756,7 +772,8 @@ def bench_generate(contexts=DEFAULT_CONTEXTS, batches=DEFAULT_BATCHES, presets=D
                     if time_budget_s is not None and time.perf_counter() - t_start > time_budget_s:
                         raise _SkipRow(f"skipped: time budget of {time_budget_s:.0f} s spent")
                     model.set_attn_implementation(system.attn)
-                    row.update(_measure(model, system, batch, context, opts, device, generator))
+                    with system.context():
+                        row.update(_measure(model, system, batch, context, opts, device, generator))
                 except _SkipRow as e:
                     status = str(e)
                 except Exception as e:  # noqa: BLE001  (OOM and any failure become the row's status)
@@ -787,7 +804,8 @@ def bench_generate(contexts=DEFAULT_CONTEXTS, batches=DEFAULT_BATCHES, presets=D
 
 
 def _derive(row: dict, info: dict, dense_by_shape: dict, system: _System) -> None:
-    """Per-token bytes, the bf16-equivalent cache size and ratios against the dense system."""
+    """Per-token bytes, the bf16-equivalent cache size and ratios against the dense systems: `*_vs_dense`
+    against SDPA as transformers calls it, `decode_speedup_vs_flash` against SDPA forced to FlashAttention."""
     if row.get("cache_bytes") is not None and row.get("cache_tokens"):
         tokens = row["batch"] * row["cache_tokens"]
         row["cache_bytes_per_token"] = row["cache_bytes"] / tokens
@@ -796,10 +814,14 @@ def _derive(row: dict, info: dict, dense_by_shape: dict, system: _System) -> Non
             row["cache_vs_bf16"] = row["cache_bytes"] / bf16
     key = (row["batch"], row["context"])
     if system.kind == "dense":
-        dense_by_shape[key] = row
+        dense_by_shape.setdefault(key, {})["flash" if system.sdpa_backend else "sdpa"] = row
         return
-    dense = dense_by_shape.get(key)
-    if dense is None or dense.get("status") != "ok" or row.get("status") != "ok":
+    dense, flash = (dense_by_shape.get(key, {}).get(k) for k in ("sdpa", "flash"))
+    if row.get("status") != "ok":
+        return
+    if flash is not None and flash.get("status") == "ok" and flash.get("decode_tokens_per_s"):
+        row["decode_speedup_vs_flash"] = row["decode_tokens_per_s"] / flash["decode_tokens_per_s"]
+    if dense is None or dense.get("status") != "ok":
         return
     if dense.get("decode_tokens_per_s"):
         row["decode_speedup_vs_dense"] = row["decode_tokens_per_s"] / dense["decode_tokens_per_s"]
@@ -1004,14 +1026,15 @@ def print_generate(result: dict, file=None) -> None:
     print(f"\n{result['model'].get('model')}, {result['model'].get('layers')} layers, {result['model'].get('dtype')} "
           f"on {env.get('gpu')}; torch {env.get('torch')}, triton {env.get('triton')}, transformers "
           f"{env.get('transformers')}, {env.get('date')}", file=file)
-    hdr = (f"{'system':<28} {'B':>3} {'ctx':>5} {'TTFT s':>8} {'step ms':>8} {'tok/s':>8} {'x dense':>7} "
+    hdr = (f"{'system':<30} {'B':>3} {'ctx':>5} {'TTFT s':>8} {'step ms':>8} {'tok/s':>8} {'x dense':>7} {'x flash':>7} "
            f"{'peak GiB':>8} {'cache MiB':>10} {'x bf16':>6} {'attn%':>5}  status")
     print(hdr, file=file)
     for r in result["rows"]:
         share = r.get("attn_share")
-        print(f"{r['system'][:28]:<28} {r['batch']:>3} {_fmt_ctx(r['context']):>5} {_fmt(r.get('ttft_s'), '8.3f')} "
+        print(f"{r['system'][:30]:<30} {r['batch']:>3} {_fmt_ctx(r['context']):>5} {_fmt(r.get('ttft_s'), '8.3f')} "
               f"{_fmt(r.get('decode_step_ms'), '8.1f')} {_fmt(r.get('decode_tokens_per_s'), '8.1f')} "
-              f"{_fmt(r.get('decode_speedup_vs_dense'), '7.2f')} {_fmt(r.get('peak_mem_bytes'), '8.1f', _GIB)} "
+              f"{_fmt(r.get('decode_speedup_vs_dense'), '7.2f')} {_fmt(r.get('decode_speedup_vs_flash'), '7.2f')} "
+              f"{_fmt(r.get('peak_mem_bytes'), '8.1f', _GIB)} "
               f"{_fmt(r.get('cache_bytes'), '10.1f', _MIB)} {_fmt(r.get('cache_vs_bf16'), '6.3f')} "
               f"{_fmt(None if share is None else 100 * share, '5.0f')}  {r.get('status')}", file=file)
     print(f"\ncapacity in a {result['settings']['budget_bytes'] / _GIB:.1f} GiB budget (computed from measured "
