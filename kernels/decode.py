@@ -12,14 +12,16 @@ Tiles are computed transposed, s^T = K q^T and acc^T = V^T p^T: the centroid til
 operand of the dot. With the gathers that was 1.3-1.5x faster on an H200 than the [G, N] orientation
 (`kernels/PERF_NOTES.md`); Triton still stages the tiles through shared memory to reach the wgmma
 operand layout.
-Stage 2: one program per (batch, kv head) merges the splits, un-rotates the quantized part
-once (o = o_rot @ Pi_v + o_window) and writes the model dtype in the `[B, 1, Hq, D]` layout
-the model consumes, so no copy or cast kernel follows.
+Merge, in the same launch: the last program of a (batch, kv head) to finish (a counter per (batch, kv
+head), incremented atomically, reset by that program) merges the splits, un-rotates the quantized part
+once (o = o_rot @ Pi_v + o_window) and writes the model dtype in the `[B, 1, Hq, D]` layout the model
+consumes, so no copy, cast or second reduce kernel follows: one launch per call (a separate reduce kernel
+cost a second ~60 us host-side launch and a launch gap on the device).
 
 Split codes (the 2.5bit / 3.5bit presets, SPLIT): a row holds an outlier set and a normal set of
 D/2 channels each, in the head's own channel order (KPerm / VPerm, outliers first), each with its
 own rotation (Pi is block-diagonal), codebook and norm. The query is permuted and rotated per set,
-scores add both sets' products, values accumulate per set, and stage 2 writes each output column
+scores add both sets' products, values accumulate per set, and the merge writes each output column
 back to its channel.
 
 QJL keys (TurboQuant_prod, QJL): the codes hold key_bits - 1 bits, and each quantized key's score gets
@@ -204,8 +206,13 @@ def _decode_stage1_kernel(
     Sqjl,  # key_qjl: the QJL matrix S [D, D] fp32 (read if QJL)
     Kw, Vw,  # [B, Hkv, R, D] model dtype: the exact window
     Mask,  # [B, kv] uint8, 1 = attend (read if HAS_MASK)
-    MidO,  # [B, Hq, S + 1, BLOCK_D] fp32
-    MidL,  # [B, Hq, S + 1] fp32
+    MidO,  # [B, Hq, S + 1, BLOCK_D] fp32: each split's normalised partial output
+    MidL,  # [B, Hq, S + 1] fp32: its log-sum-exp
+    Count,  # [B * Hkv] int32: programs of each (batch, kv head) done; 0 between calls
+    RotV,  # [D, D] fp32 (block-diagonal for split codes)
+    VPerm,  # [Hkv, D] int64: channel order of split value codes (read if SPLIT)
+    Sinks,  # [Hq] attention-sink logits, any float dtype (read if HAS_SINKS)
+    Out,  # [B, 1, Hq, D] model dtype
     # sizes
     Hkv, n_quant, n_window, chunk, scale, softcap,
     # strides
@@ -217,6 +224,7 @@ def _decode_stage1_kernel(
     smb, smk,
     sob, soh, sos,
     slb, slh,
+    sub, suh,
     # meta-parameters
     G: tl.constexpr,
     BLOCK_G: tl.constexpr,  # >= 16: tl.dot's smallest tile
@@ -240,6 +248,8 @@ def _decode_stage1_kernel(
     KLOOKUP2: tl.constexpr,
     VLOOKUP2: tl.constexpr,
     QJL: tl.constexpr,  # TurboQuant_prod keys: add the QJL estimate of <q, residual> to the scores
+    BLOCK_C: tl.constexpr,  # merge: output columns per un-rotation step (bounds the RotV tile)
+    HAS_SINKS: tl.constexpr,
 ):
     # (batch, head) bases are 64-bit scalars; per-element offsets inside a plane stay int32.
     pid_bh = tl.program_id(0).to(tl.int64)
@@ -355,56 +365,47 @@ def _decode_stage1_kernel(
     # Empty or fully masked split: lse = -inf, output 0, so it weighs nothing in the merge.
     lse = tl.where(l > 0, m + tl.log(tl.where(l > 0, l, 1.0)), float("-inf"))
     tl.store(MidL + b * slb + (h * G + g) * slh + split_id, lse, mask=gmask)
+    # The last of the num_splits + 1 programs of (b, h) to get here merges them. The barrier orders every
+    # thread's stores above before the (one-thread, gpu-scope acq_rel) increment that publishes them;
+    # the program that reads num_splits sees all the others' partials, and resets the counter.
+    tl.debug_barrier()
+    if tl.atomic_add(Count + pid_bh, 1, sem="acq_rel") == num_splits:
+        tl.atomic_xchg(Count + pid_bh, 0, sem="relaxed")
+        _merge_splits(MidO, MidL, RotV, VPerm, Sinks, Out, b, h, num_splits, sob, soh, sos, slb, slh, sub, suh,
+                      G, BLOCK_G, D, BLOCK_D, BLOCK_C, DOT_PRECISION, SPLIT, HAS_SINKS)
 
 
 @triton.jit
-def _decode_stage2_kernel(
-    # pointers
-    MidO,  # [B, Hq, S + 1, BLOCK_D] fp32
-    MidL,  # [B, Hq, S + 1] fp32
-    RotV,  # [D, D] fp32 (block-diagonal for split codes)
-    VPerm,  # [Hkv, D] int64: channel order of split value codes (read if SPLIT)
-    Sinks,  # [Hq] attention-sink logits, any float dtype (read if HAS_SINKS)
-    Out,  # [B, 1, Hq, D] model dtype
-    # sizes
-    Hkv, num_splits,
-    # strides
-    sob, soh, sos,
-    slb, slh,
-    sub, suh,
-    # meta-parameters
-    G: tl.constexpr,
-    BLOCK_G: tl.constexpr,
-    D: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_C: tl.constexpr,  # output columns per un-rotation step: bounds the Rot tile in registers
-    BLOCK_S: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    SPLIT: tl.constexpr,  # the quantized part comes out in VPerm's channel order
-    HAS_SINKS: tl.constexpr,
-):
-    pid_bh = tl.program_id(0).to(tl.int64)
-    b, h = pid_bh // Hkv, pid_bh % Hkv
+def _merge_splits(MidO, MidL, RotV, VPerm, Sinks, Out, b, h, num_splits, sob, soh, sos, slb, slh, sub, suh,
+                  G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_C: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr, HAS_SINKS: tl.constexpr):
+    """Merge the `num_splits` quantized partials (rotated space) and the window's (split `num_splits`, model
+    space) of kv head `h` of batch row `b` by their log-sum-exps, un-rotate the quantized part (o_rot @ RotV;
+    SPLIT: column c goes to channel VPerm[h, c]) and store `[G, D]` rows of Out `[B, 1, Hq, D]`. Partials
+    written by other programs are loaded with .cg (from L2, never a stale L1 line)."""
     g = tl.arange(0, BLOCK_G)
     hq = h * G + g
     gmask = g < G
-    s_idx = tl.arange(0, BLOCK_S)
-    lse = tl.load(MidL + b * slb + hq[:, None] * slh + s_idx[None, :],
-                  mask=gmask[:, None] & (s_idx[None, :] <= num_splits), other=float("-inf"))
-    m = tl.max(lse, axis=1)
+    lse_row = MidL + b * slb + hq * slh
+    o_rows = MidO + b * sob + hq[:, None] * soh
+    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    for s in range(num_splits + 1):
+        m = tl.maximum(m, tl.load(lse_row + s, mask=gmask, other=float("-inf"), cache_modifier=".cg"))
     m = tl.where(m == float("-inf"), 0.0, m)
-    den = tl.sum(tl.exp(lse - m[:, None]), axis=1)
+    d = tl.arange(0, BLOCK_D)
+    den = tl.zeros([BLOCK_G], tl.float32)
+    o_rot = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for s in range(num_splits):
+        w = tl.exp(tl.load(lse_row + s, mask=gmask, other=float("-inf"), cache_modifier=".cg") - m)
+        den += w
+        o_rot += w[:, None] * tl.load(o_rows + s * sos + d[None, :], mask=gmask[:, None], other=0.0,
+                                      cache_modifier=".cg")
+    w_win = tl.exp(tl.load(lse_row + num_splits, mask=gmask, other=float("-inf"), cache_modifier=".cg") - m)
+    den += w_win
     if HAS_SINKS:
         # A sink is one more logit in the softmax's denominator, with no value: it only scales the output.
         den += tl.exp(tl.load(Sinks + hq, mask=gmask, other=float("-inf")).to(tl.float32) - m)
     den = tl.where(den > 0, den, 1.0)
-    d = tl.arange(0, BLOCK_D)
-    o_rot = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for s in range(num_splits):
-        w = tl.exp(tl.load(MidL + b * slb + hq * slh + s, mask=gmask, other=float("-inf")) - m)
-        o_rot += w[:, None] * tl.load(MidO + b * sob + hq[:, None] * soh + s * sos + d[None, :],
-                                      mask=gmask[:, None], other=0.0)
-    w_win = tl.exp(tl.load(MidL + b * slb + hq * slh + num_splits, mask=gmask, other=float("-inf")) - m)
     for c0 in tl.static_range(0, BLOCK_D, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         cmask = c < D
@@ -412,8 +413,8 @@ def _decode_stage2_kernel(
         o = _dot(o_rot, rot, DOT_PRECISION)
         if SPLIT:
             c = tl.load(VPerm + h * D + c, mask=cmask, other=0)  # the model's channel of column c
-        o += w_win[:, None] * tl.load(MidO + b * sob + hq[:, None] * soh + num_splits * sos + c[None, :],
-                                      mask=gmask[:, None] & cmask[None, :], other=0.0)
+        o += w_win[:, None] * tl.load(o_rows + num_splits * sos + c[None, :], mask=gmask[:, None] & cmask[None, :],
+                                      other=0.0, cache_modifier=".cg")
         o = o / den[:, None]
         tl.store(Out + b * sub + hq[:, None] * suh + c[None, :], o.to(Out.dtype.element_ty),
                  mask=gmask[:, None] & cmask[None, :])
@@ -603,6 +604,7 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
     ws = get_workspace(query.device)
     mid_o = ws.get("decode_mid_o", (B, Hq, S + 1, BLOCK_D), torch.float32)
     mid_l = ws.get("decode_mid_lse", (B, Hq, S + 1), torch.float32)
+    count = ws.get("decode_count", (B * Hkv,), torch.int32, zeroed=True)
     out = torch.empty(B, 1, Hq, D, dtype=query.dtype, device=query.device)
     # Before the first flush there are no code planes, and without a window no window planes: a tensor
     # already at hand of the right dtype and rank stands in (never read: no quantized split runs / the
@@ -627,7 +629,7 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
         _decode_stage1_kernel[(B * Hkv, S + 1)](
             query, kc, kn, vc, vn, kmean, rot_k, tab_k, tab_v, tab_k2, tab_v2, k_perm, k_sketch, k_rnorm, s_qjl,
             kw, vw, mask_u8,
-            mid_o, mid_l,
+            mid_o, mid_l, count, rot_v, v_perm, sinks if sinks is not None else mid_l, out,
             Hkv, layer.n_quant, layer.n_window, chunk, scaling if scaling is not None else D**-0.5,
             softcap or 0.0,
             query.stride(0), query.stride(1), query.stride(3),
@@ -638,21 +640,13 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
             *mask_u8.stride(),
             mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
             mid_l.stride(0), mid_l.stride(1),
+            out.stride(0), out.stride(2),
             G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D, BLOCK_N=block_n, BLOCK_W=32, BLOCK_K=min(BLOCK_D, 64),
             KBITS=kbits, VBITS=vbits, HAS_MASK=mask is not None, HAS_SOFTCAP=bool(softcap),
             DOT_PRECISION=precision, SPLIT=split, KBITS2=kbits2, VBITS2=vbits2, KSPLIT=ksplit, VSPLIT=vsplit,
             KLOOKUP=klook, VLOOKUP=vlook, KLOOKUP2=klook2, VLOOKUP2=vlook2, QJL=qjl,
+            BLOCK_C=min(BLOCK_D, 64), HAS_SINKS=sinks is not None,
             num_warps=num_warps, num_stages=num_stages,
             **({"maxnreg": maxnreg} if maxnreg else {}),
-        )
-        _decode_stage2_kernel[(B * Hkv,)](
-            mid_o, mid_l, rot_v, v_perm, sinks if sinks is not None else mid_l, out,
-            Hkv, S,
-            mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
-            mid_l.stride(0), mid_l.stride(1),
-            out.stride(0), out.stride(2),
-            G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D, BLOCK_C=min(BLOCK_D, 64),
-            BLOCK_S=next_pow2(S + 1), DOT_PRECISION=precision, SPLIT=split, HAS_SINKS=sinks is not None,
-            num_warps=4,
         )
     return out

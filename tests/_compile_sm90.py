@@ -74,7 +74,7 @@ class Recorder:
 
 
 RECORDERS = {}
-for module, name in ((dec, "_decode_stage1_kernel"), (dec, "_decode_stage2_kernel"),
+for module, name in ((dec, "_decode_stage1_kernel"),
                      (qnt, "_quantize_pack_kernel"), (qnt, "_dequantize_kernel")):
     RECORDERS[name] = Recorder(getattr(module, name))
     setattr(module, name, RECORDERS[name])

@@ -596,7 +596,7 @@ def test_workspace_shared_and_bounded(request):
     q = torch.randn(2, 4, 1, 64, dtype=torch.bfloat16, device=DEV)
     for layer in layers:
         decode_attention(q, layer, None, 0.125)
-    assert set(ws._buffers) == {"decode_mid_o", "decode_mid_lse"}
+    assert set(ws._buffers) == {"decode_mid_o", "decode_mid_lse", "decode_count"}
     grown, size = ws.grow_count, ws.nbytes()
     ptr = ws._buffers["decode_mid_o"].data_ptr()
     for _ in range(2):
@@ -604,6 +604,8 @@ def test_workspace_shared_and_bounded(request):
             decode_attention(q, layer, None, 0.125, num_splits=2)
     assert ws.grow_count == grown and ws.nbytes() == size
     assert ws._buffers["decode_mid_o"].data_ptr() == ptr
+    # the merging program of each (batch, kv head) reset its counter: the next call starts from zero
+    assert not ws._buffers["decode_count"].any()
     # scratch scales with the number of splits, not with the context length
     assert size < 64 * 1024 * 16
 

@@ -21,10 +21,12 @@ class Workspace:
         self._views: dict[str, tuple] = {}  # name -> (shape, dtype, view): the last view handed out
         self.grow_count = 0
 
-    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, zeroed: bool = False) -> torch.Tensor:
         """A view `shape` of the buffer `name` (contents undefined). Reused across calls: the same view
         object as the last call's for the same shape and dtype (a decode step asks every layer for the
-        same shapes), so no tensor is made on the hot path."""
+        same shapes), so no tensor is made on the hot path. `zeroed`: the buffer is zero-filled when it
+        is allocated, and never again: for users that leave it all zeros after each use (decode's
+        per-head counters), so every view of it starts at zero."""
         shape = tuple(shape)
         last = self._views.get(name)
         if last is not None and last[0] == shape and last[1] == dtype:
@@ -39,7 +41,7 @@ class Workspace:
             size = max(nbytes, int(1.5 * buf.numel()) if buf is not None else 0)
             del buf
             self._buffers.pop(name, None)
-            buf = torch.empty(size, dtype=torch.uint8, device=self.device)
+            buf = (torch.zeros if zeroed else torch.empty)(size, dtype=torch.uint8, device=self.device)
             self._buffers[name] = buf
             self.grow_count += 1
         view = buf[:nbytes].view(dtype).view(shape)
