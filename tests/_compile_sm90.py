@@ -42,7 +42,10 @@ _PTR = {torch.uint8: "*u8", torch.int8: "*i8", torch.int32: "*i32", torch.int64:
 
 class Recorder:
     """Stands in for a @triton.jit kernel: `kernel[grid](*args, **kw)` records the launch's signature,
-    constexprs and options instead of running it (the launcher's output buffers stay unwritten)."""
+    constexprs and options instead of running it (the launcher's output buffers stay unwritten). It
+    specializes the arguments as the JIT does: an int equal to 1 becomes the constant 1, pointers and ints
+    divisible by 16 are marked so (`tt.divisibility`), which changes what the compiler does (a loop
+    reduction that compiled without the marks tripped an assertion of Triton 3.6 with them)."""
 
     def __init__(self, fn):
         self.fn = fn
@@ -50,25 +53,34 @@ class Recorder:
 
     def __getitem__(self, grid):
         def launch(*args, **kw):
-            sig = {}
-            for name, a in zip(self.fn.arg_names, args):
+            sig, ones, aligned = {}, {}, []
+            for i, (name, a) in enumerate(zip(self.fn.arg_names, args)):
                 if isinstance(a, torch.Tensor):
                     sig[name] = _PTR[a.dtype]
+                    if a.data_ptr() % 16 == 0:
+                        aligned.append(i)
                 elif isinstance(a, bool):
                     sig[name] = "i1"
                 elif isinstance(a, int):
                     sig[name] = "i32" if -(2**31) <= a < 2**31 else "i64"
+                    if a == 1:
+                        ones[name] = 1
+                    elif a % 16 == 0:
+                        aligned.append(i)
                 elif isinstance(a, float):
                     sig[name] = "fp32"
                 else:
                     raise TypeError(f"{self.fn.__name__}: argument {name} of type {type(a).__name__}")
             consts = {k: v for k, v in kw.items() if k not in LAUNCH_OPTIONS}
             sig.update(dict.fromkeys(consts, "constexpr"))
+            sig.update(dict.fromkeys(ones, "constexpr"))
+            consts.update(ones)
             if set(sig) != set(self.fn.arg_names):
                 raise TypeError(f"{self.fn.__name__}: parameters not passed: {set(self.fn.arg_names) - set(sig)}")
             opts = {k: kw[k] for k in LAUNCH_OPTIONS if k in kw}
-            key = (tuple(sig[n] for n in self.fn.arg_names), tuple(sorted(consts.items())), tuple(sorted(opts.items())))
-            self.launches.setdefault(key, (sig, consts, opts))
+            key = (tuple(sig[n] for n in self.fn.arg_names), tuple(sorted(consts.items())), tuple(sorted(opts.items())),
+                   tuple(aligned))
+            self.launches.setdefault(key, (sig, consts, opts, {(i,): [["tt.divisibility", 16]] for i in aligned}))
 
         return launch
 
@@ -128,10 +140,10 @@ def main() -> int:
         drive(**case)
     failures = 0
     for name, rec in RECORDERS.items():
-        for sig, consts, opts in rec.launches.values():
+        for sig, consts, opts, attrs in rec.launches.values():
             what = ", ".join(f"{k}={v}" for k, v in consts.items() if k.isupper()) + f", {opts}"
             try:
-                k = triton.compile(ASTSource(rec.fn, sig, consts), target=TARGET, options=dict(opts))
+                k = triton.compile(ASTSource(rec.fn, sig, consts, attrs), target=TARGET, options=dict(opts))
                 shared = k.metadata.shared
                 ok = shared <= MAX_SHARED
                 print(f"{'ok  ' if ok else 'FAIL'} {name}: shared {shared} B; {what}", flush=True)
