@@ -382,24 +382,34 @@ def _merge_splits(MidO, MidL, RotV, VPerm, Sinks, Out, b, h, num_splits, sob, so
     """Merge the `num_splits` quantized partials (rotated space) and the window's (split `num_splits`, model
     space) of kv head `h` of batch row `b` by their log-sum-exps, un-rotate the quantized part (o_rot @ RotV;
     SPLIT: column c goes to channel VPerm[h, c]) and store `[G, D]` rows of Out `[B, 1, Hq, D]`. Partials
-    written by other programs are loaded with .cg (from L2, never a stale L1 line)."""
+    written by other programs are loaded with .cg (from L2, never a stale L1 line).
+    Short B x Hkv grids have ~70 splits per head: the max runs over [G, 64] tiles of log-sum-exps, and the
+    partials are read 4 splits per step, so their loads overlap (one split per step waits out an L2 round
+    trip each)."""
     g = tl.arange(0, BLOCK_G)
     hq = h * G + g
     gmask = g < G
     lse_row = MidL + b * slb + hq * slh
     o_rows = MidO + b * sob + hq[:, None] * soh
-    m = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    for s in range(num_splits + 1):
-        m = tl.maximum(m, tl.load(lse_row + s, mask=gmask, other=float("-inf"), cache_modifier=".cg"))
+    # elementwise in the loop, reduced after it (a reduction inside the loop trips an assertion in Triton
+    # 3.6's OptimizeThreadLocality pass when the JIT specializes the strides)
+    m_tile = tl.full([BLOCK_G, 64], float("-inf"), tl.float32)
+    for s0 in range(0, num_splits + 1, 64):
+        s = s0 + tl.arange(0, 64)
+        m_tile = tl.maximum(m_tile, tl.load(lse_row[:, None] + s[None, :], mask=gmask[:, None] & (s <= num_splits)[None, :],
+                                            other=float("-inf"), cache_modifier=".cg"))
+    m = tl.max(m_tile, axis=1)
     m = tl.where(m == float("-inf"), 0.0, m)
     d = tl.arange(0, BLOCK_D)
     den = tl.zeros([BLOCK_G], tl.float32)
     o_rot = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for s in range(num_splits):
-        w = tl.exp(tl.load(lse_row + s, mask=gmask, other=float("-inf"), cache_modifier=".cg") - m)
-        den += w
-        o_rot += w[:, None] * tl.load(o_rows + s * sos + d[None, :], mask=gmask[:, None], other=0.0,
-                                      cache_modifier=".cg")
+    for s0 in range(0, num_splits, 4):
+        for u in tl.static_range(4):
+            ok = gmask & (g * 0 + s0 + u < num_splits)  # a [BLOCK_G] mask (the interpreter refuses a scalar one)
+            w = tl.exp(tl.load(lse_row + s0 + u, mask=ok, other=float("-inf"), cache_modifier=".cg") - m)
+            den += w
+            o_rot += w[:, None] * tl.load(o_rows + (s0 + u) * sos + d[None, :], mask=ok[:, None], other=0.0,
+                                          cache_modifier=".cg")
     w_win = tl.exp(tl.load(lse_row + num_splits, mask=gmask, other=float("-inf"), cache_modifier=".cg") - m)
     den += w_win
     if HAS_SINKS:

@@ -248,6 +248,21 @@ def test_decode_matches_reference(request, shape, num_splits):
     _check_decode(q, layer, mask if B > 1 else None, None, num_splits)
 
 
+def test_decode_merges_many_splits(request):
+    """70 one-tile splits plus the window: the merge's max runs over two 64-split chunks and its 4-split steps
+    end on a partial one."""
+    _seed(request)
+    layer = _make_layer(2, 1, 64, 2237, 0, torch.float32)  # + 3 decode steps: 2240 quantized positions
+    assert plan_splits(layer.n_quant, 2, 132, 32, num_splits=70) == (70, 32)
+    q = torch.randn(2, 2, 1, 64, device=DEV)
+    mask = torch.ones(2, layer.get_seq_length(), dtype=torch.bool, device=DEV)
+    mask[1, :1000] = False
+    D = 64
+    out = decode_attention(q, layer, mask, D**-0.5, None, num_splits=70, block_n=32)
+    ref = _check_decode(q, layer, mask, None, 1)  # one split: no merge of quantized partials
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_decode_softcap_and_bits(request, dtype):
     _seed(request)
