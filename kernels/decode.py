@@ -12,11 +12,13 @@ Tiles are computed transposed, s^T = K q^T and acc^T = V^T p^T: the centroid til
 operand of the dot. With the gathers that was 1.3-1.5x faster on an H200 than the [G, N] orientation
 (`kernels/PERF_NOTES.md`); Triton still stages the tiles through shared memory to reach the wgmma
 operand layout.
-Merge, in the same launch: the last program of a (batch, kv head) to finish (a counter per (batch, kv
-head), incremented atomically, reset by that program) merges the splits, un-rotates the quantized part
-once (o = o_rot @ Pi_v + o_window) and writes the model dtype in the `[B, 1, Hq, D]` layout the model
-consumes, so no copy, cast or second reduce kernel follows: one launch per call (a separate reduce kernel
-cost a second ~60 us host-side launch and a launch gap on the device).
+Merge (`_merge_splits`): the splits of a (batch, kv head) are merged by their log-sum-exps, the quantized
+part is un-rotated once (o = o_rot @ Pi_v + o_window) and the model dtype is written in the `[B, 1, Hq, D]`
+layout the model consumes, so no copy or cast kernel follows. Small problems merge in the same launch
+(MERGE): the last program of a (batch, kv head) to finish (a counter per (batch, kv head), incremented
+atomically, reset by that program) merges, which saves a second launch (~60 us of host time on an H200
+machine: small decode calls are bound by it). Large ones run a merge kernel after stage 1: there the device
+time counts, and the stage-1 kernel with the merge inside ran 4-8 % slower on an H200 (`kernels/PERF_NOTES.md`).
 
 Split codes (the 2.5bit / 3.5bit presets, SPLIT): a row holds an outlier set and a normal set of
 D/2 channels each, in the head's own channel order (KPerm / VPerm, outliers first), each with its
@@ -250,6 +252,7 @@ def _decode_stage1_kernel(
     QJL: tl.constexpr,  # TurboQuant_prod keys: add the QJL estimate of <q, residual> to the scores
     BLOCK_C: tl.constexpr,  # merge: output columns per un-rotation step (bounds the RotV tile)
     HAS_SINKS: tl.constexpr,
+    MERGE: tl.constexpr,  # the last program of each (batch, kv head) merges its splits
 ):
     # (batch, head) bases are 64-bit scalars; per-element offsets inside a plane stay int32.
     pid_bh = tl.program_id(0).to(tl.int64)
@@ -365,14 +368,26 @@ def _decode_stage1_kernel(
     # Empty or fully masked split: lse = -inf, output 0, so it weighs nothing in the merge.
     lse = tl.where(l > 0, m + tl.log(tl.where(l > 0, l, 1.0)), float("-inf"))
     tl.store(MidL + b * slb + (h * G + g) * slh + split_id, lse, mask=gmask)
-    # The last of the num_splits + 1 programs of (b, h) to get here merges them. The barrier orders every
-    # thread's stores above before the (one-thread, gpu-scope acq_rel) increment that publishes them;
-    # the program that reads num_splits sees all the others' partials, and resets the counter.
-    tl.debug_barrier()
-    if tl.atomic_add(Count + pid_bh, 1, sem="acq_rel") == num_splits:
-        tl.atomic_xchg(Count + pid_bh, 0, sem="relaxed")
-        _merge_splits(MidO, MidL, RotV, VPerm, Sinks, Out, b, h, num_splits, sob, soh, sos, slb, slh, sub, suh,
-                      G, BLOCK_G, D, BLOCK_D, BLOCK_C, DOT_PRECISION, SPLIT, HAS_SINKS)
+    if MERGE:
+        # The last of the num_splits + 1 programs of (b, h) to get here merges them. The barrier orders every
+        # thread's stores above before the (one-thread, gpu-scope acq_rel) increment that publishes them;
+        # the program that reads num_splits sees all the others' partials, and resets the counter.
+        tl.debug_barrier()
+        if tl.atomic_add(Count + pid_bh, 1, sem="acq_rel") == num_splits:
+            tl.atomic_xchg(Count + pid_bh, 0, sem="relaxed")
+            _merge_splits(MidO, MidL, RotV, VPerm, Sinks, Out, b, h, num_splits, sob, soh, sos, slb, slh, sub, suh,
+                          G, BLOCK_G, D, BLOCK_D, BLOCK_C, DOT_PRECISION, SPLIT, HAS_SINKS)
+
+
+@triton.jit
+def _decode_merge_kernel(MidO, MidL, RotV, VPerm, Sinks, Out, Hkv, num_splits, sob, soh, sos, slb, slh, sub, suh,
+                         G: tl.constexpr, BLOCK_G: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                         BLOCK_C: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr,
+                         HAS_SINKS: tl.constexpr):
+    """The merge of stage 1's splits as its own launch: one program per (batch, kv head)."""
+    pid_bh = tl.program_id(0).to(tl.int64)
+    _merge_splits(MidO, MidL, RotV, VPerm, Sinks, Out, pid_bh // Hkv, pid_bh % Hkv, num_splits, sob, soh, sos, slb,
+                  slh, sub, suh, G, BLOCK_G, D, BLOCK_D, BLOCK_C, DOT_PRECISION, SPLIT, HAS_SINKS)
 
 
 @triton.jit
@@ -488,6 +503,13 @@ def _code_table(cent: torch.Tensor, bits: int, d: int, dtype: torch.dtype) -> tu
     return _TABLES[key], lookup
 
 
+# Quantized positions (B x Hkv x tokens) from which decode_attention merges in a second launch. Below it a call
+# is bound by the host (a launch takes ~60 us of Python and driver time on an H200 machine, while decode at
+# 8 x 8 x 4K = 2**18 positions takes ~55 us on the device); above it the device time counts, and stage 1
+# without the merge inside ran 4-8 % faster (H200, same run, bit-identical outputs).
+ONE_LAUNCH_POSITIONS = 1 << 18
+
+
 def _num_sms(device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -532,7 +554,8 @@ def _launch_shape(klook: int, vlook: int, kbits: int, vbits: int, split: bool, q
 
 
 def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_splits=None,
-                     block_n=None, num_warps=None, num_stages=None, precision=None, maxnreg=None, sinks=None):
+                     block_n=None, num_warps=None, num_stages=None, precision=None, maxnreg=None, sinks=None,
+                     one_launch=None):
     """Decode attention of one query token over every position cached in `layer`.
 
     Args:
@@ -552,6 +575,9 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
             (`kernels/PERF_NOTES.md`). maxnreg caps the registers per thread: by default 128 when the
             caller asks for 8 warps at D <= 128 without register lookups (two 8-warp programs then
             share an SM); the default launches are uncapped.
+        one_launch: merge the splits inside stage 1 (True) or in a second kernel (False). Default: one launch
+            below `ONE_LAUNCH_POSITIONS` quantized positions (B x Hkv x tokens), where the host's launch
+            cost exceeds the device time it saves.
     Returns:
         `[B, 1, Hq, D]` in query's dtype.
     """
@@ -614,7 +640,10 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
     ws = get_workspace(query.device)
     mid_o = ws.get("decode_mid_o", (B, Hq, S + 1, BLOCK_D), torch.float32)
     mid_l = ws.get("decode_mid_lse", (B, Hq, S + 1), torch.float32)
-    count = ws.get("decode_count", (B * Hkv,), torch.int32, zeroed=True)
+    if one_launch is None:
+        one_launch = B * Hkv * layer.n_quant < ONE_LAUNCH_POSITIONS
+    # one launch: the merging programs count in here (zeroed once, each counter reset by its merging program)
+    count = ws.get("decode_count", (B * Hkv,), torch.int32, zeroed=True) if one_launch else mid_l
     out = torch.empty(B, 1, Hq, D, dtype=query.dtype, device=query.device)
     # Before the first flush there are no code planes, and without a window no window planes: a tensor
     # already at hand of the right dtype and rank stands in (never read: no quantized split runs / the
@@ -655,8 +684,16 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
             KBITS=kbits, VBITS=vbits, HAS_MASK=mask is not None, HAS_SOFTCAP=bool(softcap),
             DOT_PRECISION=precision, SPLIT=split, KBITS2=kbits2, VBITS2=vbits2, KSPLIT=ksplit, VSPLIT=vsplit,
             KLOOKUP=klook, VLOOKUP=vlook, KLOOKUP2=klook2, VLOOKUP2=vlook2, QJL=qjl,
-            BLOCK_C=min(BLOCK_D, 64), HAS_SINKS=sinks is not None,
+            BLOCK_C=min(BLOCK_D, 64), HAS_SINKS=sinks is not None, MERGE=one_launch,
             num_warps=num_warps, num_stages=num_stages,
             **({"maxnreg": maxnreg} if maxnreg else {}),
         )
+        if not one_launch:
+            _decode_merge_kernel[(B * Hkv,)](
+                mid_o, mid_l, rot_v, v_perm, sinks if sinks is not None else mid_l, out, Hkv, S,
+                mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_l.stride(0), mid_l.stride(1),
+                out.stride(0), out.stride(2),
+                G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D, BLOCK_C=min(BLOCK_D, 64), DOT_PRECISION=precision,
+                SPLIT=split, HAS_SINKS=sinks is not None, num_warps=4,
+            )
     return out

@@ -86,7 +86,7 @@ class Recorder:
 
 
 RECORDERS = {}
-for module, name in ((dec, "_decode_stage1_kernel"),
+for module, name in ((dec, "_decode_stage1_kernel"), (dec, "_decode_merge_kernel"),
                      (qnt, "_quantize_pack_kernel"), (qnt, "_dequantize_kernel")):
     RECORDERS[name] = Recorder(getattr(module, name))
     setattr(module, name, RECORDERS[name])
@@ -132,6 +132,9 @@ CASES = [
     {"preset": "4bit", "D": 256}, {"preset": "3.5bit", "D": 256}, {"preset": "4bit", "D": 256, "key_qjl": True},
     # the launch decode_attention picks for 4-bit codes over long contexts (many more positions than here)
     {"preset": "4bit", "launch": {"block_n": 128, "num_warps": 8, "num_stages": 3}},
+    # the merge as a second launch (large problems' default)
+    {"preset": "4bit", "launch": {"one_launch": False}}, {"preset": "3.5bit", "launch": {"one_launch": False}},
+    {"preset": "4bit", "sinks": True, "launch": {"one_launch": False}},
 ]
 
 

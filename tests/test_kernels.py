@@ -204,10 +204,10 @@ def _attention(q, k, v, mask, scale, softcap, dtype, layer=None, sinks=None):
     return (torch.softmax(s, -1) @ v).transpose(1, 2)
 
 
-def _check_decode(q, layer, mask, softcap, num_splits, sinks=None):
+def _check_decode(q, layer, mask, softcap, num_splits, sinks=None, one_launch=None):
     D = q.shape[-1]
     scale = D**-0.5
-    out = decode_attention(q, layer, mask, scale, softcap, num_splits=num_splits, sinks=sinks)
+    out = decode_attention(q, layer, mask, scale, softcap, num_splits=num_splits, sinks=sinks, one_launch=one_launch)
     assert out.shape == (q.shape[0], 1, q.shape[1], D) and out.dtype == q.dtype
     k, v = _reference_kv(layer)
     ref = _attention(q.double(), k.double(), v.double(), mask, scale, softcap, torch.float64, layer, sinks)
@@ -245,12 +245,14 @@ def test_decode_matches_reference(request, shape, num_splits):
     for b in range(B):
         mask[b, : min(b * 3, n - 1)] = False
     q = torch.randn(B, Hkv * G, 1, D, dtype=dtype, device=DEV)
-    _check_decode(q, layer, mask if B > 1 else None, None, num_splits)
+    # the merge runs inside stage 1 (small problems' default) and, with 3 splits, as a second launch
+    _check_decode(q, layer, mask if B > 1 else None, None, num_splits, one_launch=num_splits != 3)
 
 
-def test_decode_merges_many_splits(request):
+@pytest.mark.parametrize("one_launch", [True, False])
+def test_decode_merges_many_splits(request, one_launch):
     """70 one-tile splits plus the window: the merge's max runs over two 64-split chunks and its 4-split steps
-    end on a partial one."""
+    end on a partial one; inside stage 1 and as a second launch."""
     _seed(request)
     layer = _make_layer(2, 1, 64, 2237, 0, torch.float32)  # + 3 decode steps: 2240 quantized positions
     assert plan_splits(layer.n_quant, 2, 132, 32, num_splits=70) == (70, 32)
@@ -258,7 +260,7 @@ def test_decode_merges_many_splits(request):
     mask = torch.ones(2, layer.get_seq_length(), dtype=torch.bool, device=DEV)
     mask[1, :1000] = False
     D = 64
-    out = decode_attention(q, layer, mask, D**-0.5, None, num_splits=70, block_n=32)
+    out = decode_attention(q, layer, mask, D**-0.5, None, num_splits=70, block_n=32, one_launch=one_launch)
     ref = _check_decode(q, layer, mask, None, 1)  # one split: no merge of quantized partials
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
@@ -292,6 +294,8 @@ def test_decode_attention_sinks(request, shape):
     sinks[0] = 40.0  # far above every score: head 0's output is ~0
     q = torch.randn(B, Hkv * G, 1, D, dtype=dtype, device=DEV)
     out = _check_decode(q, layer, mask, None, None, sinks)
+    torch.testing.assert_close(decode_attention(q, layer, mask, D**-0.5, sinks=sinks, one_launch=False), out,
+                               rtol=0, atol=0)  # the merge as a second launch: the same arithmetic
     # The spec (PyTorch reference) against the same attention written out in fp64 over the K/V it reads (its
     # dequantized tiles, in the model dtype): it computes in fp32 and rounds once to the model dtype.
     kd, vd = layer.dequantize_range(0, n)
