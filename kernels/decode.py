@@ -577,7 +577,8 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
             share an SM); the default launches are uncapped.
         one_launch: merge the splits inside stage 1 (True) or in a second kernel (False). Default: one launch
             below `ONE_LAUNCH_POSITIONS` quantized positions (B x Hkv x tokens), where the host's launch
-            cost exceeds the device time it saves.
+            cost exceeds the device time it saves, except while a CUDA graph is captured (replays have no
+            host cost per launch).
     Returns:
         `[B, 1, Hq, D]` in query's dtype.
     """
@@ -641,7 +642,9 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
     mid_o = ws.get("decode_mid_o", (B, Hq, S + 1, BLOCK_D), torch.float32)
     mid_l = ws.get("decode_mid_lse", (B, Hq, S + 1), torch.float32)
     if one_launch is None:
-        one_launch = B * Hkv * layer.n_quant < ONE_LAUNCH_POSITIONS
+        # A CUDA graph being captured replays without host cost per launch: there only the device time counts.
+        capturing = query.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        one_launch = not capturing and B * Hkv * layer.n_quant < ONE_LAUNCH_POSITIONS
     # one launch: the merging programs count in here (zeroed once, each counter reset by its merging program)
     count = ws.get("decode_count", (B * Hkv,), torch.int32, zeroed=True) if one_launch else mid_l
     out = torch.empty(B, 1, Hq, D, dtype=query.dtype, device=query.device)
