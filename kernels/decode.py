@@ -17,7 +17,7 @@ part is un-rotated once (o = o_rot @ Pi_v + o_window) and the model dtype is wri
 layout the model consumes, so no copy or cast kernel follows. Small problems merge in the same launch
 (MERGE): the last program of a (batch, kv head) to finish (a counter per (batch, kv head), incremented
 atomically, reset by that program) merges, which saves a second launch (~60 us of host time on an H200
-machine: small decode calls are bound by it). Large ones run a merge kernel after stage 1: there the device
+machine: decode steps of small problems are bound by it). Large ones run a merge kernel after stage 1: there the device
 time counts, and the stage-1 kernel with the merge inside ran 4-8 % slower on an H200 (`kernels/PERF_NOTES.md`).
 
 Split codes (the 2.5bit / 3.5bit presets, SPLIT): a row holds an outlier set and a normal set of
@@ -503,11 +503,13 @@ def _code_table(cent: torch.Tensor, bits: int, d: int, dtype: torch.dtype) -> tu
     return _TABLES[key], lookup
 
 
-# Quantized positions (B x Hkv x tokens) from which decode_attention merges in a second launch. Below it a call
-# is bound by the host (a launch takes ~60 us of Python and driver time on an H200 machine, while decode at
-# 8 x 8 x 4K = 2**18 positions takes ~55 us on the device); above it the device time counts, and stage 1
-# without the merge inside ran 4-8 % faster (H200, same run, bit-identical outputs).
-ONE_LAUNCH_POSITIONS = 1 << 18
+# Quantized positions (B x Hkv x tokens) from which decode_attention merges in a second launch. A launch costs
+# ~60 us of host time on an H200 machine; stage 1 with the merge inside runs 4-8 % longer on the device (same
+# run, bit-identical outputs). Which matters depends on which side bounds a model's decode step: an 8B-shaped
+# 32-layer step in transformers took ~26 ms of host time at every size up to 8 x 8 x 32K = 2**21 positions per
+# layer (attention ~0.25 ms on the device there), so below 2**22 the host is the bound and one launch less
+# saves time; from 2**22 (8 x 8 x 64K: ~0.5 ms per layer, 15 ms and more per step) the device time counts.
+ONE_LAUNCH_POSITIONS = 1 << 22
 
 
 def _num_sms(device) -> int:

@@ -372,7 +372,8 @@ def _systems(model, presets, hf_backend, hf_nbits, tq_backend, dtype) -> list[_S
     # SDPA as transformers calls it (torch picks the backend), and forced to FlashAttention: on an H200 with
     # torch 2.11 SDPA's own choice for decode is cuDNN attention, whose host side takes milliseconds per
     # call (it plans per shape, and every decode step has a new length), so the flash row is the baseline
-    # for the attention arithmetic.
+    # for the attention arithmetic. Where FlashAttention cannot run a shape (fp32, a padding mask, a sliding
+    # window past its length) the flash row records the error and the TurboQuant row has no ratio to it.
     systems = [_System(f"DynamicCache {_dtype_name(dtype)} + SDPA", "sdpa", dense),
                _System(f"DynamicCache {_dtype_name(dtype)} + SDPA flash", "sdpa", dense,
                        sdpa_backend="FLASH_ATTENTION")]
@@ -1041,10 +1042,10 @@ def print_generate(result: dict, file=None) -> None:
           "bytes/token and fixed memory; prefill chunked):", file=file)
     for e in result["capacity"]:
         if e.get("status") != "ok":
-            print(f"  {e['system']:<28} {e.get('status')}", file=file)
+            print(f"  {e['system']:<30} {e.get('status')}", file=file)
             continue
         fit = e.get("capacity_tokens_peak_fit")
-        print(f"  {e['system']:<28} {e['capacity_tokens']:>11,} tokens ({_fmt(e.get('capacity_vs_dense'), '.2f')}x dense)"
+        print(f"  {e['system']:<30} {e['capacity_tokens']:>11,} tokens ({_fmt(e.get('capacity_vs_dense'), '.2f')}x dense)"
               f"  fixed {e['fixed_bytes'] / _GIB:.2f} GiB, {e['bytes_per_token'] / 1024:.1f} KiB/token"
               + (f"; peak fit {fit:,} tokens ({_fmt(e.get('capacity_peak_fit_vs_dense'), '.2f')}x)" if fit else ""),
               file=file)
