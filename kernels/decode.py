@@ -581,6 +581,8 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
             below `ONE_LAUNCH_POSITIONS` quantized positions (B x Hkv x tokens), where the host's launch
             cost exceeds the device time it saves, except while a CUDA graph is captured (replays have no
             host cost per launch).
+    Scratch (split partials, merge counters) comes from the device's shared workspace: calls on one device
+    must not run concurrently on several streams.
     Returns:
         `[B, 1, Hq, D]` in query's dtype.
     """
@@ -645,7 +647,10 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
     mid_l = ws.get("decode_mid_lse", (B, Hq, S + 1), torch.float32)
     if one_launch is None:
         # A CUDA graph being captured replays without host cost per launch: there only the device time counts.
-        capturing = query.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        capturing = False
+        if query.device.type == "cuda":
+            with on_device(query.device):  # capture is a property of the query device's current stream
+                capturing = torch.cuda.is_current_stream_capturing()
         one_launch = not capturing and B * Hkv * layer.n_quant < ONE_LAUNCH_POSITIONS
     # one launch: the merging programs count in here (zeroed once, each counter reset by its merging program)
     count = ws.get("decode_count", (B * Hkv,), torch.int32, zeroed=True) if one_launch else mid_l
@@ -665,15 +670,18 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
     s_qjl = kq.qjl_tensor(query.device) if qjl else rot_k
     kw = layer.k_win if layer.k_win is not None else query
     vw = layer.v_win if layer.v_win is not None else kw
-    mask_u8 = mask.view(torch.uint8) if mask is not None else mid_l[0].view(torch.uint8)
+    # (strides fixed for a layer: a stand-in whose strides vary with S would compile more stage-1 variants)
+    mask_u8 = mask.view(torch.uint8) if mask is not None else rot_k.view(torch.uint8)
     BLOCK_G = max(16, next_pow2(G))
+    BLOCK_C = min(BLOCK_D, 64)  # merge: output columns per un-rotation step
+    sinks_arg = sinks if sinks is not None else mid_l  # any fp pointer stands in (read if HAS_SINKS)
     if maxnreg is None and BLOCK_D <= 128 and num_warps == 8 and not registers:
         maxnreg = 128
     with on_device(query.device):
         _decode_stage1_kernel[(B * Hkv, S + 1)](
             query, kc, kn, vc, vn, kmean, rot_k, tab_k, tab_v, tab_k2, tab_v2, k_perm, k_sketch, k_rnorm, s_qjl,
             kw, vw, mask_u8,
-            mid_o, mid_l, count, rot_v, v_perm, sinks if sinks is not None else mid_l, out,
+            mid_o, mid_l, count, rot_v, v_perm, sinks_arg if one_launch else mid_l, out,
             Hkv, layer.n_quant, layer.n_window, chunk, scaling if scaling is not None else D**-0.5,
             softcap or 0.0,
             query.stride(0), query.stride(1), query.stride(3),
@@ -689,16 +697,16 @@ def decode_attention(query, layer, mask=None, scaling=None, softcap=None, num_sp
             KBITS=kbits, VBITS=vbits, HAS_MASK=mask is not None, HAS_SOFTCAP=bool(softcap),
             DOT_PRECISION=precision, SPLIT=split, KBITS2=kbits2, VBITS2=vbits2, KSPLIT=ksplit, VSPLIT=vsplit,
             KLOOKUP=klook, VLOOKUP=vlook, KLOOKUP2=klook2, VLOOKUP2=vlook2, QJL=qjl,
-            BLOCK_C=min(BLOCK_D, 64), HAS_SINKS=sinks is not None, MERGE=one_launch,
+            BLOCK_C=BLOCK_C, HAS_SINKS=sinks is not None and one_launch, MERGE=one_launch,
             num_warps=num_warps, num_stages=num_stages,
             **({"maxnreg": maxnreg} if maxnreg else {}),
         )
         if not one_launch:
             _decode_merge_kernel[(B * Hkv,)](
-                mid_o, mid_l, rot_v, v_perm, sinks if sinks is not None else mid_l, out, Hkv, S,
+                mid_o, mid_l, rot_v, v_perm, sinks_arg, out, Hkv, S,
                 mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), mid_l.stride(0), mid_l.stride(1),
                 out.stride(0), out.stride(2),
-                G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D, BLOCK_C=min(BLOCK_D, 64), DOT_PRECISION=precision,
+                G=G, BLOCK_G=BLOCK_G, D=D, BLOCK_D=BLOCK_D, BLOCK_C=BLOCK_C, DOT_PRECISION=precision,
                 SPLIT=split, HAS_SINKS=sinks is not None, num_warps=4,
             )
     return out

@@ -124,7 +124,7 @@ CASES = [
     {"preset": "4bit", "key_qjl": True},  # QJL keys, 3-bit codes
     {"preset": "4bit", "dtype": torch.float32}, {"preset": "4bit", "dtype": torch.float16},  # ieee, tf32x3 dots
     {"preset": "4bit", "mask": True, "softcap": 30.0}, {"preset": "3.5bit", "mask": True, "softcap": 30.0},
-    {"preset": "4bit", "mask": True, "sinks": True},  # attention sinks (GPT-OSS) in the reduce stage
+    {"preset": "4bit", "mask": True, "sinks": True},  # attention sinks (GPT-OSS) in the merge
     {"preset": "3.5bit", "window_only": True},  # split preset before its first flush
     {"preset": "3bit", "D": 96},  # a head dim that is not a power of two: per-code reads
     {"preset": "4bit", "D": 64}, {"preset": "3.5bit", "D": 64}, {"preset": "2.5bit", "D": 64},  # other launch shapes

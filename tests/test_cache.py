@@ -604,3 +604,18 @@ def test_workspace_views_reused_until_the_buffer_grows():
     assert ws.get("x", (2, 3), torch.float16).dtype == torch.float16
     ws.clear()
     assert ws.get("x", (2, 3), torch.float32) is not again
+
+
+def test_workspace_zeroed_buffers():
+    """A zeroed buffer is zero-filled at every allocation, growth included; a name keeps the kind it was made
+    with (a counter buffer first made uninitialized would start from garbage)."""
+    from tq_hf.workspace import Workspace
+
+    ws = Workspace(torch.device("cpu"))
+    assert not ws.get("n", (4,), torch.int32, zeroed=True).any()
+    assert not ws.get("n", (1000,), torch.int32, zeroed=True).any()  # grown
+    with pytest.raises(ValueError, match="zeroed=True"):
+        ws.get("n", (4,), torch.int32)
+    ws.get("e", (4,), torch.int32)
+    with pytest.raises(ValueError, match="zeroed=False"):
+        ws.get("e", (4,), torch.int32, zeroed=True)

@@ -250,17 +250,18 @@ def test_decode_matches_reference(request, shape, num_splits):
 
 
 @pytest.mark.parametrize("one_launch", [True, False])
-def test_decode_merges_many_splits(request, one_launch):
-    """70 one-tile splits plus the window: the merge's max runs over two 64-split chunks and its 4-split steps
-    end on a partial one; inside stage 1 and as a second launch."""
+@pytest.mark.parametrize("splits", [70, 64, 63])
+def test_decode_merges_many_splits(request, one_launch, splits):
+    """S one-tile splits plus the window: the merge's max runs over one or two 64-split chunks (S + 1 = 64, 65,
+    71) and its 4-split steps end on a full or a partial one; inside stage 1 and as a second launch."""
     _seed(request)
-    layer = _make_layer(2, 1, 64, 2237, 0, torch.float32)  # + 3 decode steps: 2240 quantized positions
-    assert plan_splits(layer.n_quant, 2, 132, 32, num_splits=70) == (70, 32)
+    layer = _make_layer(2, 1, 64, 32 * splits - 3, 0, torch.float32)  # + 3 decode steps: 32 * S positions
+    assert plan_splits(layer.n_quant, 2, 132, 32, num_splits=splits) == (splits, 32)
     q = torch.randn(2, 2, 1, 64, device=DEV)
     mask = torch.ones(2, layer.get_seq_length(), dtype=torch.bool, device=DEV)
     mask[1, :1000] = False
     D = 64
-    out = decode_attention(q, layer, mask, D**-0.5, None, num_splits=70, block_n=32, one_launch=one_launch)
+    out = decode_attention(q, layer, mask, D**-0.5, None, num_splits=splits, block_n=32, one_launch=one_launch)
     ref = _check_decode(q, layer, mask, None, 1)  # one split: no merge of quantized partials
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
@@ -308,6 +309,17 @@ def test_decode_attention_sinks(request, shape):
         decode_attention(q, layer, mask, D**-0.5, sinks=sinks[:-1])
 
 
+@pytest.mark.parametrize("one_launch", [True, False])
+def test_decode_window_only_with_sinks(request, one_launch):
+    """No code planes yet (S = 0: the window's program alone, what a captured graph of a short prompt runs),
+    with sinks, the merge in stage 1 and as a second launch."""
+    _seed(request)
+    layer = _make_layer(2, 2, 64, 3, 8, torch.float32, decode_steps=1)
+    assert layer.n_quant == 0 and layer.n_window == 4
+    sinks = torch.randn(8, device=DEV) * 2
+    _check_decode(torch.randn(2, 8, 1, 64, device=DEV), layer, None, None, None, sinks, one_launch=one_launch)
+
+
 @pytest.mark.parametrize("preset", ["2.5bit", "3.5bit"])
 @pytest.mark.parametrize("shape", [(2, 2, 4, 128, 70, 16), (1, 1, 8, 64, 33, 0)] + (
     [(2, 8, 4, 128, 4096, 64), (1, 2, 4, 256, 999, 64)] if CUDA else []), ids=str)
@@ -323,7 +335,8 @@ def test_decode_split_codes_match_reference(request, preset, shape):
     mask[-1, :3] = False
     q = torch.randn(B, Hkv * G, 1, D, dtype=dtype, device=DEV)
     for num_splits in (None, 2):
-        _check_decode(q, layer, mask if B > 1 else None, 30.0 if D == 64 else None, num_splits)
+        _check_decode(q, layer, mask if B > 1 else None, 30.0 if D == 64 else None, num_splits,
+                      one_launch=num_splits is None)  # the merge in stage 1, and as a second launch
 
 
 @pytest.mark.parametrize("shape", [(2, 2, 4, 128, 70, 16), (1, 2, 1, 80, 40, 0), (2, 1, 8, 64, 339, 8)] + (

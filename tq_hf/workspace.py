@@ -19,6 +19,7 @@ class Workspace:
         self.device = torch.device(device)
         self._buffers: dict[str, torch.Tensor] = {}
         self._views: dict[str, tuple] = {}  # name -> (shape, dtype, view): the last view handed out
+        self._zeroed: set[str] = set()  # names of buffers zero-filled at allocation
         self.grow_count = 0
 
     def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, zeroed: bool = False) -> torch.Tensor:
@@ -28,6 +29,8 @@ class Workspace:
         is allocated, and never again: for users that leave it all zeros after each use (decode's
         per-head counters), so every view of it starts at zero."""
         shape = tuple(shape)
+        if zeroed != (name in self._zeroed) and name in self._buffers:
+            raise ValueError(f"workspace buffer {name!r} was allocated with zeroed={not zeroed}")
         last = self._views.get(name)
         if last is not None and last[0] == shape and last[1] == dtype:
             return last[2]
@@ -43,6 +46,7 @@ class Workspace:
             self._buffers.pop(name, None)
             buf = (torch.zeros if zeroed else torch.empty)(size, dtype=torch.uint8, device=self.device)
             self._buffers[name] = buf
+            (self._zeroed.add if zeroed else self._zeroed.discard)(name)
             self.grow_count += 1
         view = buf[:nbytes].view(dtype).view(shape)
         self._views[name] = (shape, dtype, view)
@@ -54,6 +58,7 @@ class Workspace:
     def clear(self) -> None:
         self._buffers.clear()
         self._views.clear()
+        self._zeroed.clear()
 
 
 _WORKSPACES: dict[torch.device, Workspace] = {}
