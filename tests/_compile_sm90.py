@@ -135,6 +135,11 @@ CASES = [
     # the merge as a second launch (large problems' default)
     {"preset": "4bit", "launch": {"one_launch": False}}, {"preset": "3.5bit", "launch": {"one_launch": False}},
     {"preset": "4bit", "sinks": True, "launch": {"one_launch": False}},
+    {"preset": "4bit", "D": 64, "launch": {"one_launch": False}}, {"preset": "4bit", "D": 256, "launch": {"one_launch": False}},
+    {"preset": "3bit", "D": 96, "launch": {"one_launch": False}},
+    {"preset": "4bit", "dtype": torch.float32, "launch": {"one_launch": False}},
+    {"preset": "4bit", "dtype": torch.float16, "launch": {"one_launch": False}},
+    {"preset": "3.5bit", "window_only": True, "launch": {"one_launch": False}},
 ]
 
 
