@@ -152,7 +152,8 @@ def bench_kernels(batches=(1, 8, 32), contexts=(1024, 4096, 16384, 65536), prese
 
     "us" is an eager call (host launch cost included), "kernel_us" the same call replayed from a CUDA
     graph (device time only); speedup (against SDPA's own choice) and GB/s use kernel_us. Buffers rotate
-    beyond the L2."""
+    beyond the L2. Small problems decode in one launch when eager and in two when captured
+    (`decode_attention`'s `one_launch`): each column times the form that call would take."""
     from tqdm.auto import tqdm
 
     from .kernels import decode_attention
