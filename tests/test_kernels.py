@@ -309,6 +309,20 @@ def test_decode_attention_sinks(request, shape):
         decode_attention(q, layer, mask, D**-0.5, sinks=sinks[:-1])
 
 
+@pytest.mark.skipif(not CUDA, reason="a race needs programs running at once: the interpreter runs them in turn")
+@pytest.mark.parametrize("preset", ["4bit", "3.5bit"])
+def test_one_launch_merge_is_race_free(request, preset):
+    """The merge inside stage 1 (last program of a head merges; an atomic counter decides) against the merge as
+    a second launch, bit for bit, over many repeated calls with ~70 splits per head finishing together."""
+    _seed(request)
+    layer = _make_layer(1, 8, 128, 16384, 64, torch.bfloat16, preset=preset)
+    q = torch.randn(1, 32, 1, 128, dtype=torch.bfloat16, device=DEV)
+    want = decode_attention(q, layer, None, 128**-0.5, one_launch=False)
+    outs = [decode_attention(q, layer, None, 128**-0.5, one_launch=True) for _ in range(300)]
+    assert sum(not torch.equal(o, want) for o in outs) == 0
+    assert not get_workspace(DEV)._buffers["decode_count"].any()
+
+
 @pytest.mark.parametrize("one_launch", [True, False])
 def test_decode_window_only_with_sinks(request, one_launch):
     """No code planes yet (S = 0: the window's program alone, what a captured graph of a short prompt runs),
