@@ -140,12 +140,17 @@ def _forward(model, ids, cache, kw):
 
 
 # ------------------------------------------------------------------------------------- teacher-forced
+def _valid_prefix_len(prefix_len: int, seq_len: int) -> bool:
+    """At least one prefilled token and at least one scored step after it (the last token is only a target)."""
+    return 1 <= prefix_len < seq_len - 1
+
+
 @torch.no_grad()
 def _teacher_forced(model, rows: list[EvalConfig], ids: torch.Tensor, prefix_len: int, log=None) -> dict:
     """Lockstep decode of `ids` `[B, T]` under every row; metrics of each row against the reference."""
     kw = _cache_kwarg(model)
     B, T = ids.shape
-    if not 1 <= prefix_len < T - 1:
+    if not _valid_prefix_len(prefix_len, T):
         raise ValueError(f"prefix_len must be in [1, {T - 2}] for sequences of {T} tokens, got {prefix_len}")
     ref_i = next(i for i, r in enumerate(rows) if r.reference)
     caches = [_new_cache(r, r.model or model) for r in rows]
@@ -509,7 +514,7 @@ def _run(args, presets, prog, argv) -> int:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: this machine has no CUDA device")
-    if not 1 <= args.prefix_len < args.seq_len - 1:  # `_teacher_forced`'s bound, checked before the model loads
+    if not _valid_prefix_len(args.prefix_len, args.seq_len):  # `_teacher_forced`'s rule, before the model loads
         raise ValueError(f"--prefix-len must be in [1, --seq-len - 2], got {args.prefix_len} and {args.seq_len}")
     if not all(0 <= d <= 1 for d in args.passkey_depths):
         raise ValueError(f"--passkey-depths must lie in [0, 1], got {args.passkey_depths}")
