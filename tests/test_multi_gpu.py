@@ -242,7 +242,8 @@ def test_bench_generate_over_two_gpus(tmp_path):
                                   hf_backend="none", progress=False, **tiny)
     assert result["environment"]["gpus"] == 2 and result["settings"]["gpus"] == 2
     assert set(result["model"]["device_map"].values()) == {"0", "1"}
-    assert [r["system"] for r in result["rows"]] == ["DynamicCache bf16 + SDPA", "TurboQuant 4bit"]
+    assert [r["system"] for r in result["rows"]] == ["DynamicCache bf16 + SDPA", "DynamicCache bf16 + SDPA flash",
+                                                     "TurboQuant 4bit"]
     for r in result["rows"]:
         assert r["status"] == "ok", r["status"]
         assert r["peak_mem_bytes"] > r["cache_bytes"] > 0 and "summed over GPUs" in r["memory_source"]
