@@ -196,9 +196,22 @@ def bench_kernels(batches=(1, 8, 32), contexts=(1024, 4096, 16384, 65536), prese
             k1, v1 = (torch.randn(B, hkv, 1, d, dtype=dtype, device="cuda") for _ in range(2))
             quant = [lambda L=layer0, k1=k1, v1=v1: L.write_codes(k1, v1, 0)]
             qt, qk = _median_us(quant), _graph_median_us(quant)
+            # What decode really pays: the cache quantizes once every R = residual_length steps, when the
+            # window flushes (`TurboQuantLayer._append`: the R - 1 window tokens, then the new one), so a
+            # step's share is the flush's time / R over the attention time.
+            R = cfg.residual_length
+            kw, vw = (torch.randn(B, hkv, max(R - 1, 0), d, dtype=dtype, device="cuda") for _ in range(2))
+
+            def flush(L=layer0, kw=kw, vw=vw, k1=k1, v1=v1, R=R):
+                if R > 1:
+                    L.write_codes(kw, vw, 0)
+                L.write_codes(k1, v1, max(R - 1, 0))
+
+            fk = _graph_median_us([flush])
             rows.append({**env, "system": f"turboquant {preset}", "batch": B, "context": ctx, "us": t,
                          "kernel_us": tk, "bytes": read, "GBps": read / tk / 1e3, "speedup": k_sdpa / tk,
-                         "quantize_token_us": qt, "quantize_token_kernel_us": qk})
+                         "quantize_token_us": qt, "quantize_token_kernel_us": qk, "residual_length": R,
+                         "quantize_flush_kernel_us": fk, "quantize_share": fk / max(R, 1) / tk})
             del layers, layer0, fns
         del qs
         torch.cuda.empty_cache()
@@ -207,10 +220,11 @@ def bench_kernels(batches=(1, 8, 32), contexts=(1024, 4096, 16384, 65536), prese
 
 def print_table(rows: list[dict]) -> None:
     print(f"{'system':<18} {'B':>3} {'ctx':>6} {'eager us':>9} {'kernel us':>9} {'GB/s':>7} {'x bf16':>7} "
-          f"{'quant us':>8}")
+          f"{'quant us':>8} {'flush us':>8} {'quant %':>7}")
     for r in rows:
         print(f"{r['system']:<18} {r['batch']:>3} {r['context']:>6} {r['us']:>9.1f} {r['kernel_us']:>9.1f} "
-              f"{r['GBps']:>7.0f} {r['speedup']:>7.2f} {r.get('quantize_token_kernel_us', float('nan')):>8.1f}")
+              f"{r['GBps']:>7.0f} {r['speedup']:>7.2f} {r.get('quantize_token_kernel_us', float('nan')):>8.1f} "
+              f"{r.get('quantize_flush_kernel_us', float('nan')):>8.1f} {100 * r.get('quantize_share', float('nan')):>7.2f}")
 
 
 def save(rows: list[dict], path: str) -> None:
