@@ -32,7 +32,8 @@ def make_cache(**kw):
 
 class Reference:
     """Independent model of one layer: every token's quantized K/V (from TurboQuantizer directly) plus
-    the exact tokens, with the window rule "the window fills to R tokens, then all of it is quantized"."""
+    the exact tokens, with the window rule "the window fills to R tokens, then all of it is quantized"
+    (with the chunk that fills it, as one chunk when the chunk completes it exactly)."""
 
     def __init__(self, cfg: TurboQuantConfig):
         self.cfg = cfg
@@ -64,8 +65,12 @@ class Reference:
             self.exact_k.append(k)
             self.exact_v.append(v)
             return
-        self._quantize(win_k, win_v)
-        self._quantize(k, v)
+        if win_k.shape[2] and win_k.shape[2] + k.shape[2] == self.cfg.residual_length:
+            # a chunk that completes the window exactly (decode's flush) is quantized with it: one mean
+            self._quantize(torch.cat([win_k, k], 2), torch.cat([win_v, v], 2))
+        else:
+            self._quantize(win_k, win_v)
+            self._quantize(k, v)
         self.exact_k, self.exact_v = [], []
 
     @property
@@ -207,6 +212,23 @@ def test_window_transitions(R, delta, prefill):
     n_stable = layer.n_quant if delta >= 0 else 0
     keep = min(n_stable, kk.shape[2])
     assert torch.equal(ok[:, :, :keep], kk[:, :, :keep])
+
+
+def test_decode_flush_quantizes_the_window_in_one_write(monkeypatch):
+    """The token that completes the window is quantized with it in one write (one quantize launch per K/V on
+    the Triton backend), not as the window and then the token; a chunk that overfills it takes two."""
+    R = 8
+    cache = make_cache(residual_length=R)
+    cache.update(rand(R - 1, seed=1), rand(R - 1, seed=2), 0)
+    layer = cache.layers[0]
+    writes = []
+    real = layer.write_codes
+    monkeypatch.setattr(layer, "write_codes", lambda k, v, start: writes.append((k.shape[2], start)) or real(k, v, start))
+    cache.update(rand(1, seed=3), rand(1, seed=4), 0)
+    assert writes == [(R, 0)] and (layer.n_quant, layer.n_window) == (R, 0)
+    cache.update(rand(R - 2, seed=5), rand(R - 2, seed=6), 0)
+    cache.update(rand(3, seed=7), rand(3, seed=8), 0)
+    assert writes == [(R, 0), (R - 2, R), (3, 2 * R - 2)] and (layer.n_quant, layer.n_window) == (2 * R + 1, 0)
 
 
 def test_residual_length_zero_quantizes_everything():

@@ -196,18 +196,12 @@ def bench_kernels(batches=(1, 8, 32), contexts=(1024, 4096, 16384, 65536), prese
             k1, v1 = (torch.randn(B, hkv, 1, d, dtype=dtype, device="cuda") for _ in range(2))
             quant = [lambda L=layer0, k1=k1, v1=v1: L.write_codes(k1, v1, 0)]
             qt, qk = _median_us(quant), _graph_median_us(quant)
-            # What decode really pays: the cache quantizes once every R = residual_length steps, when the
-            # window flushes (`TurboQuantLayer._append`: the R - 1 window tokens, then the new one), so a
-            # step's share is the flush's time / R over the attention time.
+            # What decode really pays: the cache quantizes once every R = residual_length steps, when the new
+            # token completes the window (`TurboQuantLayer._append`: all R tokens in one write), so a step's
+            # share is the flush's time / R over the attention time.
             R = cfg.residual_length
-            kw, vw = (torch.randn(B, hkv, max(R - 1, 0), d, dtype=dtype, device="cuda") for _ in range(2))
-
-            def flush(L=layer0, kw=kw, vw=vw, k1=k1, v1=v1, R=R):
-                if R > 1:
-                    L.write_codes(kw, vw, 0)
-                L.write_codes(k1, v1, max(R - 1, 0))
-
-            fk = _graph_median_us([flush])
+            kw, vw = (torch.randn(B, hkv, max(R, 1), d, dtype=dtype, device="cuda") for _ in range(2))
+            fk = _graph_median_us([lambda L=layer0, kw=kw, vw=vw: L.write_codes(kw, vw, 0)])
             rows.append({**env, "system": f"turboquant {preset}", "batch": B, "context": ctx, "us": t,
                          "kernel_us": tk, "bytes": read, "GBps": read / tk / 1e3, "speedup": k_sdpa / tk,
                          "quantize_token_us": qt, "quantize_token_kernel_us": qk, "residual_length": R,
