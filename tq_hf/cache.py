@@ -342,11 +342,10 @@ class TurboQuantLayer(CacheLayerMixin):
             # device time even for a single token on an H200, `bench kernels`' quantize column).
             self.k_win[:, :, W:] = k
             self.v_win[:, :, W:] = v
-            self._quantize_into(self.k_win, self.v_win)
-        else:
-            if W:
-                self._quantize_into(self.k_win[:, :, :W], self.v_win[:, :, :W])
-            self._quantize_into(k, v)
+            k, v = self.k_win, self.v_win
+        elif W:
+            self._quantize_into(self.k_win[:, :, :W], self.v_win[:, :, :W])
+        self._quantize_into(k, v)
         self.n_window = 0
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
