@@ -88,6 +88,29 @@ def test_corpus_split_is_fixed_and_disjoint():
     assert all(f.endswith(".py") for f in train + held)
 
 
+def test_tree_corpus_adds_the_packages_and_holds_out_the_same_files():
+    top, held = tq_train.corpus_files()
+    tree, held_tree = tq_train.corpus_files(tree=True)
+    assert held_tree == held and tree == sorted(tree) and set(top) < set(tree) and not set(tree) & set(held)
+    root = tq_train.stdlib_dir()
+    assert any(os.sep in os.path.relpath(f, root) for f in tree)  # package modules, e.g. json/decoder.py
+    assert not any({"site-packages", "dist-packages"} & set(os.path.relpath(f, root).split(os.sep)) for f in tree)
+
+
+def test_train_command_line_sets_corpus_and_size(tmp_path, capsys):
+    out = tmp_path / "m"
+    assert tq_train.main(["--out", str(out), "--steps", "1", "--batch-size", "1", "--seq-len", "16", "--eval-every", "1",
+                          "--corpus", "tree", "--layers", "1", "--hidden-size", "32", "--heads", "1", "--kv-heads", "1",
+                          "--intermediate-size", "16"]) == 0
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["data"]["corpus"] == "tree" and len(log["data"]["train_files"]) > len(tq_train.corpus_files()[0])
+    assert (log["config"]["num_hidden_layers"], log["config"]["hidden_size"], log["config"]["intermediate_size"]) == (1, 32, 16)
+    for bad in (["--layers", "0"], ["--corpus", "all"]):
+        with pytest.raises(SystemExit):
+            tq_train.main(["--out", str(out), *bad])
+    assert "--layers must be >= 1" in capsys.readouterr().err
+
+
 def test_train_smoke_is_reproducible(tmp_path):
     kw = {"steps": 3, "batch_size": 2, "seq_len": 32, "warmup": 1, "eval_every": 2, "config_overrides": TINY,
           "log": lambda *_: None}

@@ -80,6 +80,10 @@ REF_MODEL_CONFIG = {
     "tie_word_embeddings": False,
 }
 
+# Command-line flags that override a `REF_MODEL_CONFIG` field.
+_SIZE_FLAGS = {"hidden-size": "hidden_size", "intermediate-size": "intermediate_size", "layers": "num_hidden_layers",
+               "heads": "num_attention_heads", "kv-heads": "num_key_value_heads"}
+
 # Held out from training: small, stable modules present in every Python >= 3.8.
 EVAL_FILES = ("bisect.py", "colorsys.py", "fnmatch.py", "heapq.py", "shlex.py", "textwrap.py")
 
@@ -88,11 +92,20 @@ def stdlib_dir() -> str:
     return sysconfig.get_paths()["stdlib"]
 
 
-def corpus_files(root: str | None = None) -> tuple[list[str], list[str]]:
-    """(training files, held-out files): absolute paths of the top-level `*.py` files of the
-    standard library, sorted by name. Held out are the `EVAL_FILES` that exist."""
+# Folders under the standard library's path that are not the standard library.
+_NOT_STDLIB = ("site-packages", "dist-packages")
+
+
+def corpus_files(root: str | None = None, tree: bool = False) -> tuple[list[str], list[str]]:
+    """(training files, held-out files): absolute paths of the standard library's `*.py` files,
+    sorted by path: the top-level ones, or with `tree` every one below the folder (packages and
+    tests, not `site-packages`). Held out are the top-level `EVAL_FILES` that exist, in both cases."""
     root = root or stdlib_dir()
-    names = sorted(n for n in os.listdir(root) if n.endswith(".py") and os.path.isfile(os.path.join(root, n)))
+    if tree:
+        names = sorted(str(f.relative_to(root)) for f in pathlib.Path(root).rglob("*.py")
+                       if f.is_file() and not set(f.relative_to(root).parts) & set(_NOT_STDLIB))
+    else:
+        names = sorted(n for n in os.listdir(root) if n.endswith(".py") and os.path.isfile(os.path.join(root, n)))
     held = [os.path.join(root, n) for n in names if n in EVAL_FILES]
     train = [os.path.join(root, n) for n in names if n not in EVAL_FILES]
     if not train or not held:
@@ -186,7 +199,7 @@ def _eval_loss(model, batches: list[torch.Tensor]) -> float:
 def train(out: str, steps: int = 600, batch_size: int = 8, seq_len: int = 512, lr: float = 3e-3,
           warmup: int = 40, weight_decay: float = 0.1, seed: int = 0, eval_every: int = 50,
           save_dtype: str = "bfloat16", threads: int | None = None, config_overrides: dict | None = None,
-          copy_prob: float = 0.0, command: str | None = None, log=print) -> dict:
+          copy_prob: float = 0.0, corpus: str = "top", command: str | None = None, log=print) -> dict:
     """Train the reference model and save `config.json`, `model.safetensors` and `train_log.json`
     in `out`. Returns the log (also written to `train_log.json`).
 
@@ -203,6 +216,8 @@ def train(out: str, steps: int = 600, batch_size: int = 8, seq_len: int = 512, l
         config_overrides: `LlamaConfig` fields replacing `REF_MODEL_CONFIG`.
         copy_prob: fraction of training sequences given one random string planted twice
             (`_plant_copy`); 0 trains on the plain text.
+        corpus: "top" (the top-level standard-library files) or "tree" (every file below it;
+            `corpus_files`).
         command: the command line, recorded in the log.
     """
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -217,8 +232,10 @@ def train(out: str, steps: int = 600, batch_size: int = 8, seq_len: int = 512, l
     # attention, bf16 matmuls). On a CPU: plain fp32, bit-reproducible for one thread count.
     cuda = device.type == "cuda"
     precision = "bf16 autocast, fp32 weights" if cuda else "fp32"
-    train_files, held_files = corpus_files()
-    corpus = load_corpus(train_files)
+    if corpus not in ("top", "tree"):
+        raise ValueError(f"corpus must be 'top' or 'tree', got {corpus!r}")
+    train_files, held_files = corpus_files(tree=corpus == "tree")
+    data = load_corpus(train_files)
     held = load_corpus(held_files)
     config = LlamaConfig(**{**REF_MODEL_CONFIG, **(config_overrides or {})})
     torch.manual_seed(seed)
@@ -232,7 +249,7 @@ def train(out: str, steps: int = 600, batch_size: int = 8, seq_len: int = 512, l
     # Held-out batches: 8 windows at fixed, evenly spaced offsets of the held-out files.
     held_starts = torch.linspace(0, len(held) - seq_len - 1, 8).long()
     held_batches = [_batch(held, held_starts, seq_len).to(device)]
-    log(f"training {n_params / 1e6:.2f}M parameters on {len(train_files)} files ({len(corpus) / 1e6:.2f} MB), "
+    log(f"training {n_params / 1e6:.2f}M parameters on {len(train_files)} files ({len(data) / 1e6:.2f} MB), "
         f"{steps} steps x {batch_size} x {seq_len} bytes, device {device} ({precision}), "
         f"{torch.get_num_threads()} threads")
     curve, evals = [], []
@@ -241,8 +258,8 @@ def train(out: str, steps: int = 600, batch_size: int = 8, seq_len: int = 512, l
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = _lr(step, steps, lr, warmup)
-        starts = torch.randint(0, len(corpus) - seq_len, (batch_size,), generator=gen)
-        x = _batch(corpus, starts, seq_len, copy_prob, gen).to(device)
+        starts = torch.randint(0, len(data) - seq_len, (batch_size,), generator=gen)
+        x = _batch(data, starts, seq_len, copy_prob, gen).to(device)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
             logits = model(x[:, :-1]).logits
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten())
@@ -286,11 +303,12 @@ def train(out: str, steps: int = 600, batch_size: int = 8, seq_len: int = 512, l
         "config": {**REF_MODEL_CONFIG, **(config_overrides or {})},
         "data": {
             "stdlib_dir": root,
+            "corpus": corpus,
             "train_files": [{"name": os.path.relpath(f, root), "bytes": os.path.getsize(f), "sha256": _sha256(f)}
                             for f in train_files],
             "eval_files": [{"name": os.path.relpath(f, root), "bytes": os.path.getsize(f), "sha256": _sha256(f)}
                            for f in held_files],
-            "train_bytes": len(corpus),
+            "train_bytes": len(data),
             "eval_bytes": len(held),
         },
         "loss": {"first_step": curve[0], "final_train_mean_last_50": sum(curve[-50:]) / len(curve[-50:]),
@@ -330,14 +348,23 @@ def main(argv=None) -> int:
     p.add_argument("--copy-prob", type=float, default=0.0,
                    help="fraction of sequences given one random string planted twice, the second time after a "
                         f"copy of the text before the first (teaches copying; needs --seq-len >= {_PLANT_MIN_LEN})")
+    p.add_argument("--corpus", default="top", choices=("top", "tree"),
+                   help="the standard library's top-level files, or every file below it (packages and tests)")
+    size = p.add_argument_group("model size (default: REF_MODEL_CONFIG, the shipped model's)")
+    for flag, key in _SIZE_FLAGS.items():
+        size.add_argument(f"--{flag}", type=int, default=None, help=f"LlamaConfig.{key}")
     a = p.parse_args(argv)
     if not 0.0 <= a.copy_prob <= 1.0:
         p.error("--copy-prob must be in [0, 1]")
-    for name in ("steps", "batch_size", "seq_len", "warmup", "eval_every"):
-        if getattr(a, name) < 1:
+    sizes = {flag: getattr(a, flag.replace("-", "_")) for flag in _SIZE_FLAGS}
+    for name, v in [(n, getattr(a, n)) for n in ("steps", "batch_size", "seq_len", "warmup", "eval_every")] + \
+            [(f, v) for f, v in sizes.items() if v is not None]:
+        if v < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    overrides = {_SIZE_FLAGS[f]: v for f, v in sizes.items() if v is not None}
     train(a.out, steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr, warmup=a.warmup,
           seed=a.seed, eval_every=a.eval_every, threads=a.threads, save_dtype=a.save_dtype, copy_prob=a.copy_prob,
+          corpus=a.corpus, config_overrides=overrides,
           command="python -m tq_hf.train " + " ".join(sys.argv[1:] if argv is None else argv))
     return 0
 
