@@ -62,7 +62,9 @@ def _quantize_pack_kernel(
     x = x * inv[:, None]
     norm = tl.sqrt(tl.sum(x * x, axis=1))
     # y = (x / norm) @ Rot.T, K-chunked so the Rot tile stays small (D = 256 would not fit in shared
-    # memory whole); ieee: indices must match the fp32 reference away from ties.
+    # memory whole). Indices must match the fp32 reference away from ties: tf32x3 (three tf32 MMAs,
+    # ~2**-22 relative error per product) is fp32-accurate well inside the tests' 1e-6 tie margin, and
+    # 2.2-2.4x faster than "ieee" (FMA) on an H200 (a 64-token flush of 32 x 8 heads: 102 -> 45 us).
     y = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
     for k0 in tl.static_range(0, BLOCK_D, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
@@ -73,7 +75,7 @@ def _quantize_pack_kernel(
             xk -= tl.load(Mean + h * D + kk, mask=kmask, other=0.0)[None, :]
         xk = xk * inv[:, None]
         rot_t = tl.load(Rot + d[None, :] * D + kk[:, None], mask=kmask[:, None] & dmask[None, :], other=0.0)
-        y += tl.dot(xk, rot_t, input_precision="ieee")
+        y += tl.dot(xk, rot_t, input_precision="tf32x3")
     y_raw = y  # x @ Rot.T (scaled): the residual below is taken against it
     # Zero vectors: any code works, the zero norm dequantizes to exactly zero.
     y = y / tl.maximum(norm, 1.1754943508222875e-38)[:, None]
