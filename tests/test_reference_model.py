@@ -97,6 +97,19 @@ def test_tree_corpus_adds_the_packages_and_holds_out_the_same_files():
     assert not any({"site-packages", "dist-packages"} & set(os.path.relpath(f, root).split(os.sep)) for f in tree)
 
 
+def test_tree_corpus_rules_on_a_made_up_library(tmp_path):
+    """Packages are walked, site-packages / dist-packages are not, and only a top-level held-out name is held out."""
+    for f in ("a.py", "heapq.py", "notes.txt", "pkg/b.py", "pkg/heapq.py", "pkg/sub/c.py", "site-packages/x.py",
+              "pkg/dist-packages/y.py"):
+        (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / f).write_text("pass\n")
+    train, held = tq_train.corpus_files(str(tmp_path), tree=True)
+    rel = [os.path.relpath(f, tmp_path) for f in train]
+    assert rel == ["a.py", os.path.join("pkg", "b.py"), os.path.join("pkg", "heapq.py"), os.path.join("pkg", "sub", "c.py")]
+    assert held == [str(tmp_path / "heapq.py")]
+    assert tq_train.corpus_files(str(tmp_path)) == ([str(tmp_path / "a.py")], held)
+
+
 def test_train_command_line_sets_corpus_and_size(tmp_path, capsys):
     out = tmp_path / "m"
     assert tq_train.main(["--out", str(out), "--steps", "1", "--batch-size", "1", "--seq-len", "16", "--eval-every", "1",
@@ -105,10 +118,11 @@ def test_train_command_line_sets_corpus_and_size(tmp_path, capsys):
     log = json.loads((out / "train_log.json").read_text())
     assert log["data"]["corpus"] == "tree" and len(log["data"]["train_files"]) > len(tq_train.corpus_files()[0])
     assert (log["config"]["num_hidden_layers"], log["config"]["hidden_size"], log["config"]["intermediate_size"]) == (1, 32, 16)
-    for bad in (["--layers", "0"], ["--corpus", "all"]):
+    for bad, message in ((["--layers", "0"], "--layers must be >= 1"), (["--corpus", "all"], "invalid choice"),
+                         (["--heads", "3", "--kv-heads", "2"], "--heads (3) must be a multiple of --kv-heads (2)")):
         with pytest.raises(SystemExit):
             tq_train.main(["--out", str(out), *bad])
-    assert "--layers must be >= 1" in capsys.readouterr().err
+        assert message in capsys.readouterr().err
 
 
 def test_train_smoke_is_reproducible(tmp_path):

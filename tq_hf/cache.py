@@ -292,14 +292,14 @@ class TurboQuantLayer(CacheLayerMixin):
         kernels on the Triton backend, else the PyTorch path). No bookkeeping or checks: `update` reserves
         the capacity and calls it (and `bench kernels` times it)."""
         if self.backend == "triton":
-            from .kernels import quantize_pack
+            from .kernels import quantize  # the submodule: see attention.py's decode call
 
             for x, which, perm in ((k, "k", self.k_perm), (v, "v", self.v_perm)):
                 if perm is not None:  # split codes: the sets are channel ranges of the permuted vector
                     x = in_split_order(x, perm)
                 qjl = (self.k_qjl, self.k_rnorm) if which == "k" and self.config.key_qjl else None
                 for qz, ch, codes, norms, mean in self._code_sets(which):
-                    quantize_pack(x[..., ch], qz, codes, norms, start, mean=mean, qjl=qjl)
+                    quantize.quantize_pack(x[..., ch], qz, codes, norms, start, mean=mean, qjl=qjl)
         else:
             # The reference codec's temporaries take ~KBs per vector (one-hot bit streams, distances to
             # every centroid): a long prefill is quantized a slice of tokens at a time.
