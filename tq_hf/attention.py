@@ -198,8 +198,8 @@ def turboquant_attention_forward(
     if L == 1:
         flat = None if mask is None else mask[:, 0, 0, :total]
         if layer.backend == "triton":
-            # The submodule, not the name: `from .kernels import decode_attention` goes through the
-            # package's lazy __getattr__ at every call (~2.5 us per layer on a CPU host, 10x this).
+            # The submodule, not the name: `from .kernels import decode_attention` would go through the
+            # package's lazy __getattr__ at every call (2.8 us per layer on a CPU host, this 0.2 us).
             from .kernels import decode
 
             return decode.decode_attention(query, layer, flat, scaling, softcap, sinks=sinks), None

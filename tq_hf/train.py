@@ -371,15 +371,16 @@ def main(argv=None) -> int:
     if not 0.0 <= a.copy_prob <= 1.0:
         p.error("--copy-prob must be in [0, 1]")
     sizes = {flag: getattr(a, flag.replace("-", "_")) for flag in _SIZE_FLAGS}
-    heads = sizes["heads"] or REF_MODEL_CONFIG["num_attention_heads"]
-    kv_heads = sizes["kv-heads"] or REF_MODEL_CONFIG["num_key_value_heads"]
-    if heads % kv_heads:
-        p.error(f"--heads ({heads}) must be a multiple of --kv-heads ({kv_heads})")
-    for name, v in [(n, getattr(a, n)) for n in ("steps", "batch_size", "seq_len", "warmup", "eval_every")] + \
-            [(f, v) for f, v in sizes.items() if v is not None]:
+    sizes = {flag: v for flag, v in sizes.items() if v is not None}
+    for name, v in {**{n: getattr(a, n) for n in ("steps", "batch_size", "seq_len", "warmup", "eval_every")},
+                    **sizes}.items():
         if v < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
-    overrides = {_SIZE_FLAGS[f]: v for f, v in sizes.items() if v is not None}
+    overrides = {_SIZE_FLAGS[flag]: v for flag, v in sizes.items()}
+    config = {**REF_MODEL_CONFIG, **overrides}
+    if config["num_attention_heads"] % config["num_key_value_heads"]:
+        p.error(f"--heads ({config['num_attention_heads']}) must be a multiple of --kv-heads "
+                f"({config['num_key_value_heads']})")
     train(a.out, steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr, warmup=a.warmup,
           seed=a.seed, eval_every=a.eval_every, threads=a.threads, save_dtype=a.save_dtype, copy_prob=a.copy_prob,
           corpus=a.corpus, config_overrides=overrides,

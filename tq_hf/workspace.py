@@ -46,7 +46,8 @@ class Workspace:
             self._buffers.pop(name, None)
             buf = (torch.zeros if zeroed else torch.empty)(size, dtype=torch.uint8, device=self.device)
             self._buffers[name] = buf
-            (self._zeroed.add if zeroed else self._zeroed.discard)(name)
+            if zeroed:  # (a name never changes kind: checked above)
+                self._zeroed.add(name)
             self.grow_count += 1
         view = buf[:nbytes].view(dtype).view(shape)
         self._views[name] = (shape, dtype, view)
